@@ -1,0 +1,390 @@
+// Package sidecar is meshd's data path and control loop: listeners, routing
+// of each request to an upstream, forwarding through the upstream's balancer,
+// the admin endpoints, config reloads and graceful shutdown.
+package sidecar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/discovery"
+	"github.com/meshd/meshd/discovery/static"
+	"github.com/meshd/meshd/sidecar/config"
+)
+
+// Sidecar is one running meshd. Create it with New, then Start; Reload and
+// Shutdown may be called from any goroutine (they are serialised).
+type Sidecar struct {
+	log *slog.Logger
+
+	cfg       atomic.Pointer[config.Config]
+	upstreams atomic.Pointer[map[string]*upstream]
+	catalog   *static.Catalog
+	inbound   atomic.Pointer[upstream]
+
+	mu        sync.Mutex // serialises Start, Reload, Shutdown and on-demand adds
+	listeners map[string]*listener
+	ctx       context.Context
+	cancel    context.CancelFunc
+	started   bool
+	draining  atomic.Bool
+
+	tunnels   sync.WaitGroup
+	tunnelMu  sync.Mutex
+	tunnelSet map[net.Conn]struct{}
+
+	bg sync.WaitGroup
+}
+
+// listener is one bound address and the server behind it.
+type listener struct {
+	key  string // "outbound", "admin", "inbound", "upstream:NAME"
+	addr string // as configured
+	ln   net.Listener
+	srv  *http.Server
+	// fixed is the upstream of a dedicated listener.
+	fixed atomic.Pointer[string]
+}
+
+// New validates cfg's wiring and returns a sidecar that has not bound anything yet.
+func New(cfg *config.Config, log *slog.Logger) (*Sidecar, error) {
+	if log == nil {
+		log = slog.Default()
+	}
+	s := &Sidecar{log: log, listeners: map[string]*listener{}, tunnelSet: map[net.Conn]struct{}{}}
+	s.catalog = static.New(staticInstances(cfg.Static))
+	s.cfg.Store(cfg)
+	empty := map[string]*upstream{}
+	s.upstreams.Store(&empty)
+	return s, nil
+}
+
+func staticInstances(m map[string][]config.StaticEntry) map[string][]discovery.Instance {
+	out := make(map[string][]discovery.Instance, len(m))
+	for svc, entries := range m {
+		insts := make([]discovery.Instance, 0, len(entries))
+		for _, e := range entries {
+			id := e.ID
+			if id == "" {
+				id = e.Address
+			}
+			w := e.Weight
+			if w == 0 {
+				w = 1
+			}
+			insts = append(insts, discovery.Instance{ID: id, Address: e.Address, Weight: w, Tags: e.Tags})
+		}
+		out[svc] = insts
+	}
+	return out
+}
+
+// Start binds every listener and starts discovery. On error nothing is left running.
+func (s *Sidecar) Start() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.started {
+		return errors.New("sidecar: already started")
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	cfg := s.cfg.Load()
+	ups, err := s.buildUpstreams(cfg, nil)
+	if err != nil {
+		s.cancel()
+		return err
+	}
+	if err := s.syncListeners(cfg); err != nil {
+		for _, l := range s.listeners {
+			l.ln.Close()
+		}
+		s.listeners = map[string]*listener{}
+		s.cancel()
+		return err
+	}
+	s.upstreams.Store(&ups)
+	for _, u := range ups {
+		s.startUpstream(u)
+	}
+	s.startStaticFileWatch(cfg)
+	s.started = true
+	s.log.Info("meshd started", "outbound", s.addrOf("outbound"), "admin", s.addrOf("admin"), "upstreams", len(ups))
+	return nil
+}
+
+// buildUpstreams makes the upstream set for cfg, reusing the pools (and so
+// the per-instance state) of old upstreams that keep their name and source.
+func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (map[string]*upstream, error) {
+	out := make(map[string]*upstream, len(cfg.Upstreams))
+	for _, name := range cfg.UpstreamNames() {
+		uc := cfg.Upstreams[name]
+		policy, err := balance.New(uc.Balance.BalanceConfig())
+		if err != nil {
+			return nil, fmt.Errorf("upstream %q: balance: %w", name, err)
+		}
+		st := &upstreamSettings{cfg: uc, algorithm: policy.Name(), transport: newTransport(uc)}
+		if prev, ok := old[name]; ok && prev.source == uc.Discovery && !prev.onDemand {
+			prev.pool.SetPolicy(policy)
+			prev.settings.Store(st)
+			out[name] = prev
+			continue
+		}
+		u := &upstream{name: name, source: uc.Discovery, log: s.log, pool: balance.NewPool(policy), done: make(chan struct{})}
+		u.settings.Store(st)
+		out[name] = u
+	}
+	return out, nil
+}
+
+func (s *Sidecar) sourceFor(u *upstream) discovery.Source {
+	return s.catalog
+}
+
+func (s *Sidecar) startUpstream(u *upstream) {
+	ctx, cancel := context.WithCancel(s.ctx)
+	u.cancel = cancel
+	src := s.sourceFor(u)
+	s.bg.Add(1)
+	go func() {
+		defer s.bg.Done()
+		u.run(ctx, src)
+	}()
+}
+
+// lookup returns the upstream named name, lock-free.
+func (s *Sidecar) lookup(name string) *upstream {
+	return (*s.upstreams.Load())[name]
+}
+
+// desiredListeners maps listener keys to addresses for cfg.
+func desiredListeners(cfg *config.Config) map[string]string {
+	want := map[string]string{"outbound": cfg.Listen.Outbound, "admin": cfg.Listen.Admin}
+	if cfg.Listen.Inbound != "" {
+		want["inbound"] = cfg.Listen.Inbound
+	}
+	for name, u := range cfg.Upstreams {
+		if u.Listen != "" {
+			want["upstream:"+name] = u.Listen
+		}
+	}
+	return want
+}
+
+// syncListeners binds listeners cfg wants and closes those it no longer
+// wants. New listeners are bound before any old one closes, so a failed bind
+// leaves the running set untouched.
+func (s *Sidecar) syncListeners(cfg *config.Config) error {
+	want := desiredListeners(cfg)
+	var fresh []*listener
+	for key, addr := range want {
+		if l, ok := s.listeners[key]; ok && l.addr == addr {
+			continue
+		}
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			for _, f := range fresh {
+				f.ln.Close()
+			}
+			return fmt.Errorf("listen %s on %s: %w", key, addr, err)
+		}
+		fresh = append(fresh, &listener{key: key, addr: addr, ln: ln})
+	}
+	for key, l := range s.listeners {
+		if addr, ok := want[key]; !ok || addr != l.addr {
+			delete(s.listeners, key)
+			go s.closeListener(l, cfg.Proxy.Drain)
+		}
+	}
+	for _, l := range fresh {
+		if name, ok := strings.CutPrefix(l.key, "upstream:"); ok {
+			l.fixed.Store(&name)
+		}
+		l.srv = s.newServer(cfg, l)
+		s.listeners[l.key] = l
+		s.bg.Add(1)
+		go func(l *listener) {
+			defer s.bg.Done()
+			if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("listener stopped", "listener", l.key, "addr", l.ln.Addr().String(), "err", err)
+			}
+		}(l)
+		s.log.Info("listening", "listener", l.key, "addr", l.ln.Addr().String())
+	}
+	return nil
+}
+
+func (s *Sidecar) closeListener(l *listener, drain time.Duration) {
+	ctx, cancel := context.WithTimeout(context.Background(), drain)
+	defer cancel()
+	if err := l.srv.Shutdown(ctx); err != nil {
+		s.log.Warn("listener drain cut short", "listener", l.key, "err", err)
+		l.srv.Close()
+	}
+}
+
+func (s *Sidecar) newServer(cfg *config.Config, l *listener) *http.Server {
+	var h http.Handler
+	switch l.key {
+	case "admin":
+		h = s.adminHandler()
+	case "inbound":
+		h = http.HandlerFunc(s.serveInbound)
+	default:
+		h = &proxyHandler{s: s, l: l}
+	}
+	p := new(http.Protocols)
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: cfg.Proxy.ReadHeaderTimeout,
+		IdleTimeout:       cfg.Proxy.IdleTimeout,
+		MaxHeaderBytes:    cfg.Proxy.MaxHeaderBytes,
+		Protocols:         p,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+}
+
+// Addr returns the bound address of a listener ("outbound", "admin",
+// "inbound" or "upstream:NAME"), or "" when there is none.
+func (s *Sidecar) Addr(key string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.addrOf(key)
+}
+
+func (s *Sidecar) addrOf(key string) string {
+	if l, ok := s.listeners[key]; ok {
+		return l.ln.Addr().String()
+	}
+	return ""
+}
+
+// Config returns the config in force.
+func (s *Sidecar) Config() *config.Config { return s.cfg.Load() }
+
+// Reload switches to cfg without dropping requests: upstreams keep their
+// instance state, new listeners are bound before old ones drain. On error the
+// running config stays in force.
+func (s *Sidecar) Reload(cfg *config.Config) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.started || s.draining.Load() {
+		return errors.New("sidecar: not running")
+	}
+	old := *s.upstreams.Load()
+	ups, err := s.buildUpstreams(cfg, old)
+	if err != nil {
+		return err
+	}
+	if err := s.syncListeners(cfg); err != nil {
+		return err
+	}
+	s.catalog.Replace(staticInstances(cfg.Static))
+	s.cfg.Store(cfg)
+	// Keep on-demand watches that the new config does not name.
+	for name, u := range old {
+		if _, ok := ups[name]; !ok && u.onDemand {
+			ups[name] = u
+		}
+	}
+	s.upstreams.Store(&ups)
+	for name, u := range ups {
+		if prev, ok := old[name]; !ok || prev != u {
+			s.startUpstream(u)
+		}
+	}
+	for name, u := range old {
+		if ups[name] != u {
+			go u.stop()
+		} else if st := u.settings.Load(); st != nil {
+			_ = st
+		}
+	}
+	s.log.Info("config reloaded", "file", cfg.File, "upstreams", len(cfg.Upstreams))
+	return nil
+}
+
+// Shutdown stops accepting, waits for in-flight requests and tunnels until
+// ctx ends, then closes what is left and stops discovery. It returns
+// ctx.Err() when the drain was cut short.
+func (s *Sidecar) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.started {
+		return nil
+	}
+	s.draining.Store(true)
+	s.log.Info("draining", "listeners", len(s.listeners))
+	var wg sync.WaitGroup
+	var cut atomic.Bool
+	for _, l := range s.listeners {
+		wg.Add(1)
+		go func(l *listener) {
+			defer wg.Done()
+			if err := l.srv.Shutdown(ctx); err != nil {
+				cut.Store(true)
+				l.srv.Close()
+			}
+		}(l)
+	}
+	wg.Wait()
+	tunnelsDone := make(chan struct{})
+	go func() { s.tunnels.Wait(); close(tunnelsDone) }()
+	select {
+	case <-tunnelsDone:
+	case <-ctx.Done():
+		cut.Store(true)
+		s.tunnelMu.Lock()
+		for c := range s.tunnelSet {
+			c.Close()
+		}
+		s.tunnelMu.Unlock()
+		<-tunnelsDone
+	}
+	s.cancel()
+	for _, u := range *s.upstreams.Load() {
+		u.stop()
+	}
+	s.bg.Wait()
+	s.started = false
+	if cut.Load() {
+		s.log.Warn("drain deadline passed; remaining connections were closed")
+		return ctx.Err()
+	}
+	s.log.Info("drained; all requests completed")
+	return nil
+}
+
+func (s *Sidecar) trackTunnel(c net.Conn) (untrack func()) {
+	s.tunnels.Add(1)
+	s.tunnelMu.Lock()
+	s.tunnelSet[c] = struct{}{}
+	s.tunnelMu.Unlock()
+	return func() {
+		s.tunnelMu.Lock()
+		delete(s.tunnelSet, c)
+		s.tunnelMu.Unlock()
+		s.tunnels.Done()
+	}
+}
+
+// upstreamNames lists the live upstreams, sorted.
+func (s *Sidecar) upstreamNames() []string {
+	m := *s.upstreams.Load()
+	out := make([]string, 0, len(m))
+	for n := range m {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}

@@ -1,0 +1,151 @@
+package sidecar
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/discovery"
+	"github.com/meshd/meshd/sidecar/config"
+)
+
+// upstream is one routable service: its live pool, its transport to the
+// instances and the state of its discovery watch. Request handlers read its
+// fields without locks: everything mutable is atomic or replaced whole.
+type upstream struct {
+	name   string
+	source string // "static" or "consul"
+	log    *slog.Logger
+
+	pool *balance.Pool
+	// settings holds everything a config reload may change at once.
+	settings atomic.Pointer[upstreamSettings]
+
+	answered atomic.Bool
+	status   atomic.Pointer[discovery.Status]
+	requests atomic.Uint64
+	errors   atomic.Uint64
+	lastUsed atomic.Int64 // unix nanos, for idle on-demand watches
+	onDemand bool
+	// inboundAddr is the local app's address for the inbound upstream.
+	inboundAddr string
+
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// upstreamSettings is the reloadable part of an upstream, swapped whole.
+type upstreamSettings struct {
+	cfg       config.Upstream
+	algorithm string
+	transport *http.Transport
+}
+
+func newTransport(u config.Upstream) *http.Transport {
+	connect := u.Timeouts.Connect
+	if connect == 0 {
+		connect = config.DefaultConnectTimeout
+	}
+	d := &net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}
+	t := &http.Transport{
+		Proxy:                 nil, // never honour HTTP_PROXY: we are the proxy
+		DialContext:           d.DialContext,
+		MaxIdleConns:          0,
+		MaxIdleConnsPerHost:   u.MaxIdlePerInstance,
+		MaxConnsPerHost:       u.MaxConnsPerInstance,
+		IdleConnTimeout:       config.DefaultIdleConnTimeout,
+		ResponseHeaderTimeout: u.Timeouts.ResponseHeader,
+		ExpectContinueTimeout: time.Second,
+		DisableCompression:    true, // pass bodies through untouched
+		WriteBufferSize:       32 << 10,
+		ReadBufferSize:        32 << 10,
+	}
+	if u.H2C {
+		p := new(http.Protocols)
+		p.SetUnencryptedHTTP2(true)
+		t.Protocols = p
+	}
+	return t
+}
+
+// run applies discovery updates to the pool until ctx ends. The source runs
+// in its own goroutine and never waits for a slow rebuild: the mailbox
+// coalesces bursts.
+func (u *upstream) run(ctx context.Context, src discovery.Source) {
+	defer close(u.done)
+	box := discovery.NewMailbox()
+	go func() {
+		backoff := 100 * time.Millisecond
+		for {
+			err := src.Watch(ctx, u.name, box)
+			if ctx.Err() != nil {
+				return
+			}
+			u.log.Warn("discovery watch ended; restarting", "upstream", u.name, "source", src.Name(), "err", err, "in", backoff)
+			box.Fail(err)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 10*time.Second)
+		}
+	}()
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+			u.pool.Tick()
+		case <-box.Ready():
+			upd, st, _ := box.Take()
+			if upd != nil {
+				before := len(u.pool.Load().Endpoints)
+				u.pool.Update(upd.Instances, upd.Reason)
+				first := !u.answered.Swap(true)
+				lvl := slog.LevelDebug
+				if first || before != len(upd.Instances) {
+					lvl = slog.LevelInfo
+				}
+				u.log.Log(ctx, lvl, "discovery update", "upstream", u.name, "source", src.Name(), "instances", len(upd.Instances), "reason", upd.Reason)
+			}
+			prev := u.status.Load()
+			u.status.Store(&st)
+			if st.Err != nil && (prev == nil || prev.Err == nil) {
+				u.log.Warn("discovery failing; routing to the last known instances", "upstream", u.name, "source", src.Name(), "err", st.Err, "instances", len(u.pool.Load().Endpoints))
+			} else if st.Err == nil && prev != nil && prev.Err != nil {
+				u.log.Info("discovery recovered", "upstream", u.name, "source", src.Name())
+			}
+		}
+	}
+}
+
+// stale reports whether discovery is failing, since when and why.
+func (u *upstream) stale() (bool, time.Time, error) {
+	st := u.status.Load()
+	if st == nil || st.Err == nil {
+		return false, time.Time{}, nil
+	}
+	return true, st.Since, st.Err
+}
+
+func (u *upstream) stop() {
+	if u.cancel != nil {
+		u.cancel()
+		<-u.done
+	}
+	if s := u.settings.Load(); s != nil {
+		s.transport.CloseIdleConnections()
+	}
+}
+
+// inboundSettings are the transport settings toward the local app.
+func inboundSettings() config.Upstream {
+	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost}
+}

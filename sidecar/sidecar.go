@@ -131,13 +131,23 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: balance: %w", name, err)
 		}
-		st := &upstreamSettings{cfg: uc, algorithm: policy.Name(), transport: newTransport(uc)}
+		st := &upstreamSettings{cfg: uc, algorithm: policy.Name()}
 		if prev, ok := old[name]; ok && prev.source == uc.Discovery && !prev.onDemand {
+			was := prev.settings.Load()
+			if transportKey(was.cfg) == transportKey(uc) {
+				st.transport = was.transport
+			} else {
+				st.transport = newTransport(uc)
+				// Requests in flight keep the old transport; its idle
+				// connections go once they have had time to finish.
+				time.AfterFunc(cfg.Proxy.Drain, was.transport.CloseIdleConnections)
+			}
 			prev.pool.SetPolicy(policy)
 			prev.settings.Store(st)
 			out[name] = prev
 			continue
 		}
+		st.transport = newTransport(uc)
 		u := &upstream{name: name, source: uc.Discovery, log: s.log, pool: balance.NewPool(policy), done: make(chan struct{})}
 		u.settings.Store(st)
 		out[name] = u
@@ -306,8 +316,6 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 	for name, u := range old {
 		if ups[name] != u {
 			go u.stop()
-		} else if st := u.settings.Load(); st != nil {
-			_ = st
 		}
 	}
 	s.log.Info("config reloaded", "file", cfg.File, "upstreams", len(cfg.Upstreams))

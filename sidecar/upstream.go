@@ -149,3 +149,12 @@ func (u *upstream) stop() {
 func inboundSettings() config.Upstream {
 	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost}
 }
+
+// transportKey is what decides whether a reload needs a new transport.
+func transportKey(u config.Upstream) [6]int64 {
+	h2c := int64(0)
+	if u.H2C {
+		h2c = 1
+	}
+	return [6]int64{int64(u.Timeouts.Connect), int64(u.Timeouts.ResponseHeader), int64(u.MaxIdlePerInstance), int64(u.MaxConnsPerInstance), h2c, 0}
+}

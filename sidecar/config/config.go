@@ -430,7 +430,7 @@ var serviceName = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_-]{0,62})$`)
 
 func (c *Config) validate(d *decoder) {
 	at := func(key, format string, args ...any) {
-		line := d.lines[key]
+		line := d.lineOf(key)
 		d.errs = append(d.errs, &Error{File: c.File, Line: line, Key: key, Msg: fmt.Sprintf(format, args...)})
 	}
 	addrs := map[string]string{}
@@ -445,7 +445,7 @@ func (c *Config) validate(d *decoder) {
 			at(key, "%v", err)
 			return
 		}
-		if other, dup := addrs[addr]; dup {
+		if other, dup := addrs[addr]; dup && !strings.HasSuffix(addr, ":0") {
 			at(key, "address %s is already used by %s", addr, other)
 			return
 		}
@@ -667,4 +667,20 @@ func (c *Config) AllowedOnDemand(name string) bool {
 
 func matchPattern(pattern, name string) (bool, error) {
 	return filepath.Match(pattern, strings.ToLower(name))
+}
+
+// lineOf is the line of key, or of its nearest parent present in the file
+// (a missing key is reported where its section is).
+func (d *decoder) lineOf(key string) int {
+	for key != "" {
+		if l, ok := d.lines[key]; ok && l > 0 {
+			return l
+		}
+		i := strings.LastIndexAny(key, ".[")
+		if i < 0 {
+			break
+		}
+		key = key[:i]
+	}
+	return 0
 }

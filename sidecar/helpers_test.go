@@ -1,0 +1,114 @@
+package sidecar
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/meshd/meshd/sidecar/config"
+)
+
+// backend is a real local HTTP server that records what reached it.
+type backend struct {
+	*httptest.Server
+	name string
+	hits atomic.Int64
+}
+
+func newBackend(t testing.TB, name string, h http.HandlerFunc) *backend {
+	t.Helper()
+	b := &backend{name: name}
+	if h == nil {
+		h = func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, name) }
+	}
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.hits.Add(1)
+		w.Header().Set("X-Backend", name)
+		h(w, r)
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
+
+func (b *backend) addr() string { return strings.TrimPrefix(b.URL, "http://") }
+
+// start runs a sidecar on loopback with the given YAML (listen addresses default to :0).
+func start(t testing.TB, yaml string) *Sidecar {
+	t.Helper()
+	if !strings.Contains(yaml, "listen:") {
+		yaml = "listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}\n" + yaml
+	}
+	cfg, err := config.Parse("test.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatalf("config:\n%v", err)
+	}
+	s, err := New(cfg, testLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(10 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	return s
+}
+
+func testLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("MESHD_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+// waitReady polls /ready until 200 (discovery answers asynchronously).
+func waitReady(t testing.TB, s *Sidecar) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := http.Get("http://" + s.Addr("admin") + "/ready")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("sidecar not ready after 5s (last: %v)", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// proxyClient sends requests through the sidecar as a forward proxy.
+func proxyClient(s *Sidecar) *http.Client {
+	u, _ := url.Parse("http://" + s.Addr("outbound"))
+	return &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(u)}, Timeout: 30 * time.Second}
+}
+
+func readAll(t testing.TB, resp *http.Response) string {
+	t.Helper()
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("reading body: %v", err)
+	}
+	return string(b)
+}
+
+func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}

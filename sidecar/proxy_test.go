@@ -1,0 +1,473 @@
+package sidecar
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+func TestRoutingThreeWays(t *testing.T) {
+	seen := make(chan *http.Request, 10)
+	b := newBackend(t, "p1", func(w http.ResponseWriter, r *http.Request) {
+		seen <- r
+		fmt.Fprint(w, "ok")
+	})
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {payments: [%s]}}
+upstreams:
+  payments: {listen: 127.0.0.1:0, balance: {algorithm: round_robin}}
+`, b.addr()))
+	c := proxyClient(s)
+
+	check := func(how string, resp *http.Response, err error, wantHost string) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", how, err)
+		}
+		if body := readAll(t, resp); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("%s: want 200 ok, have %d %q", how, resp.StatusCode, body)
+		}
+		r := <-seen
+		if r.Host != wantHost {
+			t.Errorf("%s: backend saw Host %q, want %q", how, r.Host, wantHost)
+		}
+		if r.URL.Path != "/x" || r.URL.RawQuery != "q=1" {
+			t.Errorf("%s: backend saw %s, want /x?q=1", how, r.URL)
+		}
+		if xff := r.Header.Get("X-Forwarded-For"); xff != "127.0.0.1" {
+			t.Errorf("%s: X-Forwarded-For %q, want 127.0.0.1", how, xff)
+		}
+		if p := r.Header.Get("X-Forwarded-Proto"); p != "http" {
+			t.Errorf("%s: X-Forwarded-Proto %q, want http", how, p)
+		}
+	}
+	resp, err := c.Get("http://payments/x?q=1")
+	check("forward proxy", resp, err, "payments")
+	resp, err = c.Get("http://payments.service.consul/x?q=1")
+	check("forward proxy .service.consul", resp, err, "payments.service.consul")
+
+	req, _ := http.NewRequest("GET", "http://"+s.Addr("outbound")+"/x?q=1", nil)
+	req.Host = "payments"
+	resp, err = http.DefaultClient.Do(req)
+	check("host header", resp, err, "payments")
+
+	resp, err = http.Get("http://" + s.Addr("upstream:payments") + "/x?q=1")
+	check("dedicated listener", resp, err, "payments")
+}
+
+func TestUnknownAndEmptyUpstreams(t *testing.T) {
+	s := start(t, `
+discovery: {static: {empty: []}}
+upstreams: {empty: {}}
+`)
+	c := proxyClient(s)
+	resp, err := c.Get("http://inventory/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := readAll(t, resp); resp.StatusCode != 403 || !strings.Contains(body, `unknown upstream "inventory"`) {
+		t.Fatalf("unknown: want 403 naming inventory, have %d %q", resp.StatusCode, body)
+	}
+	resp, err = c.Get("http://empty/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := readAll(t, resp); resp.StatusCode != 502 || !strings.Contains(body, `upstream "empty" has no instances`) {
+		t.Fatalf("empty: want 502 naming empty, have %d %q", resp.StatusCode, body)
+	}
+	// CONNECT to an unknown name is refused too: meshd is not an open proxy.
+	conn, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprint(conn, "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+	resp, err = http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil || resp.StatusCode != 403 {
+		t.Fatalf("CONNECT to unknown: want 403, have %v %v", resp, err)
+	}
+}
+
+func TestHopByHopHeaders(t *testing.T) {
+	seen := make(chan http.Header, 1)
+	b := newBackend(t, "p1", func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.Header.Clone()
+		w.Header().Set("Connection", "X-Resp-Hop")
+		w.Header().Set("X-Resp-Hop", "secret")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("X-End-To-End", "kept")
+		fmt.Fprint(w, "ok")
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {payments: [%s]}}\nupstreams: {payments: {}}\n", b.addr()))
+	conn, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprint(conn, "GET http://payments/h HTTP/1.1\r\nHost: payments\r\n"+
+		"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n"+
+		"Proxy-Connection: keep-alive\r\nTE: gzip\r\nUpgrade: h9\r\nX-Kept: yes\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	h := <-seen
+	for _, k := range []string{"X-Hop", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "Te", "Upgrade"} {
+		if v, ok := h[k]; ok {
+			t.Errorf("hop-by-hop request header %s=%q reached the backend", k, v)
+		}
+	}
+	if h.Get("X-Kept") != "yes" {
+		t.Errorf("end-to-end request header X-Kept lost")
+	}
+	if v := resp.Header.Get("X-Resp-Hop"); v != "" {
+		t.Errorf("hop-by-hop response header X-Resp-Hop=%q reached the client", v)
+	}
+	if resp.Header.Get("Keep-Alive") != "" {
+		t.Errorf("Keep-Alive response header reached the client")
+	}
+	if resp.Header.Get("X-End-To-End") != "kept" {
+		t.Errorf("end-to-end response header lost")
+	}
+}
+
+// patternReader yields n deterministic bytes without holding them.
+type patternReader struct{ n, off int64 }
+
+func (p *patternReader) Read(b []byte) (int, error) {
+	if p.off >= p.n {
+		return 0, io.EOF
+	}
+	if rem := p.n - p.off; int64(len(b)) > rem {
+		b = b[:rem]
+	}
+	for i := range b {
+		b[i] = byte((p.off + int64(i)) % 251)
+	}
+	p.off += int64(len(b))
+	return len(b), nil
+}
+
+func TestLargeBodiesStreamInBoundedMemory(t *testing.T) {
+	const size = 100 << 20
+	b := newBackend(t, "big", func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, err := io.Copy(h, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), 500)
+			return
+		}
+		w.Header().Set("X-Received", fmt.Sprint(n))
+		w.Header().Set("X-Sum", hex.EncodeToString(h.Sum(nil)))
+		io.Copy(w, &patternReader{n: size})
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {big: [%s]}}\nupstreams: {big: {}}\n", b.addr()))
+
+	var peak uint64
+	var base runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&base)
+	stop := make(chan struct{})
+	sampled := make(chan struct{})
+	go func() {
+		defer close(sampled)
+		var m runtime.MemStats
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(20 * time.Millisecond):
+			}
+			runtime.ReadMemStats(&m)
+			if m.HeapInuse > peak {
+				peak = m.HeapInuse
+			}
+		}
+	}()
+	want := sha256.New()
+	io.Copy(want, &patternReader{n: size})
+	req, _ := http.NewRequest("POST", "http://big/upload", io.NopCloser(&patternReader{n: size}))
+	req.ContentLength = -1 // chunked: meshd cannot know the size up front
+	resp, err := proxyClient(s).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := sha256.New()
+	n, err := io.Copy(got, resp.Body)
+	resp.Body.Close()
+	close(stop)
+	<-sampled
+	if err != nil || n != size {
+		t.Fatalf("response: read %d bytes, err %v; want %d", n, err, size)
+	}
+	if resp.Header.Get("X-Received") != fmt.Sprint(size) || resp.Header.Get("X-Sum") != hex.EncodeToString(want.Sum(nil)) {
+		t.Fatalf("request body corrupted: backend got %s bytes, sum %s", resp.Header.Get("X-Received"), resp.Header.Get("X-Sum"))
+	}
+	if hex.EncodeToString(got.Sum(nil)) != hex.EncodeToString(want.Sum(nil)) {
+		t.Fatal("response body corrupted")
+	}
+	growth := int64(peak) - int64(base.HeapInuse)
+	t.Logf("heap in use grew by at most %d KiB while moving 2×100 MiB", growth>>10)
+	if growth > 32<<20 {
+		t.Fatalf("heap grew by %d MiB: bodies are being buffered", growth>>20)
+	}
+}
+
+func TestWebSocketEcho(t *testing.T) {
+	ws := newBackend(t, "ws", websocket.Handler(func(c *websocket.Conn) { io.Copy(c, c) }).ServeHTTP)
+	s := start(t, fmt.Sprintf("discovery: {static: {chat: [%s]}}\nupstreams: {chat: {listen: 127.0.0.1:0}}\n", ws.addr()))
+	addr := s.Addr("upstream:chat")
+	conn, err := websocket.Dial("ws://"+addr+"/echo", "", "http://"+addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for i := 0; i < 5; i++ {
+		msg := fmt.Sprintf("hello %d", i)
+		if err := websocket.Message.Send(conn, msg); err != nil {
+			t.Fatal(err)
+		}
+		var reply string
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if err := websocket.Message.Receive(conn, &reply); err != nil {
+			t.Fatal(err)
+		}
+		if reply != msg {
+			t.Fatalf("echo: want %q, have %q", msg, reply)
+		}
+	}
+}
+
+func TestConnectTunnel(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {db: [%s]}}\nupstreams: {db: {}}\n", ln.Addr()))
+	conn, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	fmt.Fprint(conn, "CONNECT db:443 HTTP/1.1\r\nHost: db:443\r\n\r\n")
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, &http.Request{Method: "CONNECT"})
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: want 200, have %v %v", resp, err)
+	}
+	for i := 0; i < 3; i++ {
+		msg := fmt.Sprintf("ping %d\n", i)
+		conn.Write([]byte(msg))
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		line, err := br.ReadString('\n')
+		if err != nil || line != msg {
+			t.Fatalf("tunnel echo: want %q, have %q (%v)", msg, line, err)
+		}
+	}
+}
+
+func TestServerSentEventsArriveOneByOne(t *testing.T) {
+	next := make(chan struct{})
+	b := newBackend(t, "sse", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Content-Length", "") // no length: a stream
+		for i := 0; i < 3; i++ {
+			fmt.Fprintf(w, "data: event %d\n\n", i)
+			w.(http.Flusher).Flush()
+			select {
+			case <-next: // the client saw this event before we write the next
+			case <-time.After(10 * time.Second):
+				return
+			}
+		}
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {events: [%s]}}\nupstreams: {events: {}}\n", b.addr()))
+	resp, err := proxyClient(s).Get("http://events/stream")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	lines := make(chan string, 16)
+	go func() {
+		defer close(lines)
+		br := bufio.NewReader(resp.Body)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			if line != "\n" {
+				lines <- line
+			}
+		}
+	}()
+	for i := 0; i < 3; i++ {
+		select {
+		case line := <-lines:
+			if want := fmt.Sprintf("data: event %d\n", i); line != want {
+				t.Fatalf("want %q, have %q", want, line)
+			}
+		case <-time.After(3 * time.Second):
+			// The backend is blocked until we signal: had meshd buffered
+			// the stream, the event would not have arrived.
+			t.Fatalf("event %d did not arrive while the backend waited: the stream is buffered", i)
+		}
+		select {
+		case next <- struct{}{}:
+		case <-time.After(3 * time.Second):
+			t.Fatal("backend stopped waiting")
+		}
+	}
+}
+
+func TestMalformedAndOversizedRequests(t *testing.T) {
+	b := newBackend(t, "p1", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {payments: [%s]}}\nupstreams: {payments: {}}\nproxy: {max_header_bytes: 4096, read_header_timeout: 300ms}\n", b.addr()))
+	send := func(raw string) *http.Response {
+		t.Helper()
+		conn, err := net.Dial("tcp", s.Addr("outbound"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(conn, raw)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			t.Fatalf("no response to %q...: %v", raw[:min(len(raw), 30)], err)
+		}
+		return resp
+	}
+	if r := send("GARBAGE\r\n\r\n"); r.StatusCode != 400 {
+		t.Errorf("malformed request line: want 400, have %d", r.StatusCode)
+	}
+	if r := send("GET / HTTP/1.1\r\nHost: payments\r\nBad Header Line\r\n\r\n"); r.StatusCode != 400 {
+		t.Errorf("malformed header: want 400, have %d", r.StatusCode)
+	}
+	big := "GET / HTTP/1.1\r\nHost: payments\r\nX-Big: " + strings.Repeat("a", 16<<10) + "\r\n\r\n"
+	if r := send(big); r.StatusCode != 431 {
+		t.Errorf("oversized header: want 431, have %d", r.StatusCode)
+	}
+	// Still serving.
+	if r := send("GET / HTTP/1.1\r\nHost: payments\r\n\r\n"); r.StatusCode != 200 {
+		t.Errorf("after bad input: want 200, have %d", r.StatusCode)
+	}
+
+	// A client that dribbles its headers is cut off by the header timeout.
+	conn, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	closed := make(chan time.Time, 1)
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			if _, err := conn.Read(buf); err != nil {
+				closed <- time.Now()
+				return
+			}
+		}
+	}()
+	began := time.Now()
+	slow := "GET / HTTP/1.1\r\nHost: payments\r\nX-Slow: " + strings.Repeat("s", 200)
+	var cutAt time.Time
+	for i := 0; i < len(slow) && cutAt.IsZero(); i++ {
+		if _, err := conn.Write([]byte{slow[i]}); err != nil {
+			break
+		}
+		select {
+		case cutAt = <-closed:
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	if cutAt.IsZero() {
+		select {
+		case cutAt = <-closed:
+		case <-time.After(5 * time.Second):
+			t.Fatal("a client sending headers byte by byte was never cut off")
+		}
+	}
+	if d := cutAt.Sub(began); d > 3*time.Second {
+		t.Fatalf("slow client cut off after %v; header timeout is 300ms", d)
+	}
+}
+
+func TestRetriesOnAnotherInstanceWhenOneIsDown(t *testing.T) {
+	good := newBackend(t, "good", nil)
+	dead, _ := net.Listen("tcp", "127.0.0.1:0")
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	s := start(t, fmt.Sprintf("discovery: {static: {payments: [%s, %s]}}\nupstreams: {payments: {balance: {algorithm: round_robin}}}\n", deadAddr, good.addr()))
+	c := proxyClient(s)
+	for i := 0; i < 20; i++ {
+		resp, err := c.Get("http://payments/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if body := readAll(t, resp); resp.StatusCode != 200 || body != "good" {
+			t.Fatalf("request %d: want 200 from good, have %d %q", i, resp.StatusCode, body)
+		}
+	}
+}
+
+func TestH2CUpstreamWithTrailers(t *testing.T) {
+	var sawProto sync.Map
+	h2 := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sawProto.Store(r.Proto, true)
+		w.Header().Set("Trailer", "Grpc-Status")
+		w.Header().Set("Content-Type", "application/grpc")
+		io.WriteString(w, "payload")
+		w.Header().Set("Grpc-Status", "0")
+	})}
+	p := new(http.Protocols)
+	p.SetUnencryptedHTTP2(true)
+	h2.Protocols = p
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	go h2.Serve(ln)
+	defer h2.Close()
+	s := start(t, fmt.Sprintf("discovery: {static: {grpc: [%s]}}\nupstreams: {grpc: {listen: 127.0.0.1:0, h2c: true}}\n", ln.Addr()))
+
+	cp := new(http.Protocols)
+	cp.SetUnencryptedHTTP2(true)
+	client := &http.Client{Transport: &http.Transport{Protocols: cp}}
+	req, _ := http.NewRequest("POST", "http://"+s.Addr("upstream:grpc")+"/pkg.Svc/Method", strings.NewReader("req"))
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("TE", "trailers")
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := readAll(t, resp)
+	if body != "payload" || resp.ProtoMajor != 2 {
+		t.Fatalf("want payload over HTTP/2, have %q over %s", body, resp.Proto)
+	}
+	if resp.Trailer.Get("Grpc-Status") != "0" {
+		t.Fatalf("trailer Grpc-Status lost: %v", resp.Trailer)
+	}
+	if _, ok := sawProto.Load("HTTP/2.0"); !ok {
+		t.Fatal("backend was not spoken to over HTTP/2")
+	}
+}

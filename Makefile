@@ -11,7 +11,7 @@ export MESHD_CONSUL_BIN ?= $(BIN)/consul
 export MESHD_JAEGER_BIN ?= $(BIN)/jaeger
 TESTFLAGS ?=
 
-.PHONY: all build test unit tools demo bench lint clean
+.PHONY: all build test unit tools demo demo-deps bench lint clean
 
 all: build
 
@@ -42,3 +42,11 @@ lint:
 
 clean:
 	rm -rf bin
+
+# The demo: three local backends, meshd on the static catalog, a few requests.
+demo: build demo-deps
+	$(GO) build -o bin/backend ./examples/backend
+	BIN=bin examples/demo.sh
+
+demo-deps:
+	@command -v curl >/dev/null || { echo "installing curl"; apt-get update -qq && apt-get install -y -qq curl; }

@@ -2,6 +2,9 @@ package sidecar
 
 import (
 	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
 	"net/http"
 	"net/http/pprof"
 	"sort"
@@ -136,6 +139,11 @@ func (s *Sidecar) adminHandler() http.Handler {
 		w.Write([]byte(body))
 	})
 	mux.HandleFunc("GET /upstreams", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("format") == "text" {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			writeStatusText(w, s.Status())
+			return
+		}
 		w.Header().Set("Content-Type", "application/json")
 		enc := json.NewEncoder(w)
 		enc.SetIndent("", "  ")
@@ -152,3 +160,22 @@ func (s *Sidecar) adminHandler() http.Handler {
 
 // extendAdmin adds endpoints provided by optional parts (metrics).
 func (s *Sidecar) extendAdmin(mux *http.ServeMux) {}
+
+// writeStatusText renders /upstreams as a table for people.
+func writeStatusText(w io.Writer, ups []UpstreamStatus) {
+	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "UPSTREAM\tALGORITHM\tSTATE\tINSTANCE\tWEIGHT\tIN-FLIGHT\tREQUESTS\tERRORS\tBREAKER")
+	for _, u := range ups {
+		state := u.State
+		if u.Stale {
+			state += " (" + u.LastError + ")"
+		}
+		if len(u.Instances) == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t-\t\t\t\t\t\n", u.Name, u.Algorithm, state)
+		}
+		for _, in := range u.Instances {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", u.Name, u.Algorithm, state, in.Address, in.Weight, in.InFlight, in.Requests, in.Failures, in.Breaker)
+		}
+	}
+	tw.Flush()
+}

@@ -50,3 +50,8 @@ demo: build demo-deps
 
 demo-deps:
 	@command -v curl >/dev/null || { echo "installing curl"; apt-get update -qq && apt-get install -y -qq curl; }
+
+# Benchmarks: Go micro-benchmarks, then wrk through meshd beside HAProxy and nginx.
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 200ms ./balance/ ./sidecar/
+	BIN=bin examples/bench/run.sh

@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# meshd's throughput benchmark: wrk through meshd, HAProxy and nginx (and
+# straight to one backend), in turns (A, B, C, D, A, B, ...) over several
+# rounds, for 64 connections and 1 connection, 128 B and 64 KiB responses.
+# Prints one table with the proxy's RSS and CPU and the ratios, and writes it
+# to examples/bench/results.md.
+#
+# Environment: BENCH_DURATION (seconds per run, default 5), BENCH_ROUNDS
+# (default 3), BENCH_TARGETS (default "direct meshd haproxy nginx"),
+# MESHD_EXTRA_CONFIG (YAML appended to meshd's config, e.g. telemetry).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${BIN:-bin}
+DUR=${BENCH_DURATION:-5}
+ROUNDS=${BENCH_ROUNDS:-3}
+TARGETS=${BENCH_TARGETS:-direct meshd haproxy nginx}
+OUT=${BENCH_OUT:-examples/bench/results.md}
+work=$(mktemp -d)
+chmod 755 "$work"  # nginx workers run unprivileged and must read the files
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1 || command -v "/usr/sbin/$1" >/dev/null 2>&1; }
+missing=()
+need wrk || missing+=(wrk)
+need haproxy || missing+=(haproxy)
+need nginx || missing+=(nginx-light)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "bench: installing ${missing[*]}" >&2
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+# --- backends: one nginx worker serving three ports --------------------------
+mkdir -p "$work/www" "$work/nginx-b" "$work/nginx-p"
+head -c 128 /dev/zero | tr '\0' 'x' > "$work/www/small"
+head -c 65536 /dev/zero | tr '\0' 'x' > "$work/www/large"
+cat > "$work/nginx-b/nginx.conf" <<CONF
+worker_processes 1;
+daemon off;
+pid $work/nginx-b/pid;
+error_log $work/nginx-b/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  default_type application/octet-stream;
+  server { listen 127.0.0.1:18081; root $work/www; }
+  server { listen 127.0.0.1:18082; root $work/www; }
+  server { listen 127.0.0.1:18083; root $work/www; }
+}
+CONF
+"$NGINX" -c "$work/nginx-b/nginx.conf" -p "$work/nginx-b" &
+pids+=($!)
+
+# --- the proxies --------------------------------------------------------------
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 2
+  maxconn 4000
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:18090
+  default_backend be
+backend be
+  balance roundrobin
+  server b1 127.0.0.1:18081
+  server b2 127.0.0.1:18082
+  server b3 127.0.0.1:18083
+CONF
+"$HAPROXY" -f "$work/haproxy.cfg" -db &
+pids+=($!)
+haproxy_pid=$!
+
+cat > "$work/nginx-p/nginx.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $work/nginx-p/pid;
+error_log $work/nginx-p/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream be {
+    server 127.0.0.1:18081;
+    server 127.0.0.1:18082;
+    server 127.0.0.1:18083;
+    keepalive 128;
+  }
+  server {
+    listen 127.0.0.1:18091;
+    location / {
+      proxy_pass http://be;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+    }
+  }
+}
+CONF
+"$NGINX" -c "$work/nginx-p/nginx.conf" -p "$work/nginx-p" &
+pids+=($!)
+nginx_master=$!
+
+cat > "$work/meshd.yaml" <<CONF
+listen: {outbound: 127.0.0.1:18092, admin: 127.0.0.1:18093}
+discovery:
+  static:
+    payments: [127.0.0.1:18081, 127.0.0.1:18082, 127.0.0.1:18083]
+upstreams:
+  payments:
+    balance: {algorithm: round_robin}
+log: {access: false, level: warn}
+${MESHD_EXTRA_CONFIG:-}
+CONF
+"$BIN/meshd" run --config "$work/meshd.yaml" 2>"$work/meshd.log" &
+pids+=($!)
+meshd_pid=$!
+
+for _ in $(seq 100); do
+  curl -fs http://127.0.0.1:18093/ready >/dev/null 2>&1 && break
+  sleep 0.1
+done
+for url in http://127.0.0.1:18081/small http://127.0.0.1:18090/small http://127.0.0.1:18091/small; do
+  for _ in $(seq 50); do curl -fs "$url" -o /dev/null && break; sleep 0.1; done
+  curl -fs "$url" -o /dev/null || { echo "bench: $url does not answer" >&2; cat "$work"/nginx-*/error.log >&2; exit 1; }
+done
+curl -fs -H 'Host: payments' http://127.0.0.1:18092/small -o /dev/null || { echo "bench: meshd does not answer" >&2; cat "$work/meshd.log" >&2; exit 1; }
+
+# --- measurement ---------------------------------------------------------------
+url_of() {
+  case $1 in
+    direct) echo "http://127.0.0.1:18081" ;;
+    meshd) echo "http://127.0.0.1:18092" ;;
+    haproxy) echo "http://127.0.0.1:18090" ;;
+    nginx) echo "http://127.0.0.1:18091" ;;
+  esac
+}
+pids_of() {
+  case $1 in
+    meshd) echo "$meshd_pid" ;;
+    haproxy) echo "$haproxy_pid" ;;
+    nginx) echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')" ;;
+    *) echo "" ;;
+  esac
+}
+# cpu_ticks PIDS: utime+stime of all, in clock ticks.
+cpu_ticks() {
+  local t=0 p
+  for p in $1; do
+    [ -r /proc/$p/stat ] || continue
+    t=$((t + $(awk '{print $14 + $15}' /proc/$p/stat)))
+  done
+  echo $t
+}
+rss_kb() {
+  local t=0 p
+  for p in $1; do
+    [ -r /proc/$p/status ] || continue
+    t=$((t + $(awk '/^VmRSS/ {print $2}' /proc/$p/status)))
+  done
+  echo $t
+}
+to_ms() { # wrk latency like 123.45us / 1.23ms / 1.2s
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v/1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v*1000 }
+    else printf "%s", v }'
+}
+hz=$(getconf CLK_TCK)
+results=$work/results.tsv
+: > "$results"
+run_one() { # target conns path round
+  local target=$1 conns=$2 path=$3 round=$4 threads=2
+  [ "$conns" -lt 2 ] && threads=1
+  local ps; ps=$(pids_of "$target")
+  local c0; c0=$(cpu_ticks "$ps")
+  local out
+  out=$(wrk -t$threads -c"$conns" -d"${DUR}s" --latency -H 'Host: payments' "$(url_of "$target")/$path" 2>&1)
+  local c1; c1=$(cpu_ticks "$ps")
+  local rss; rss=$(rss_kb "$ps")
+  local rps p50 p99 errs
+  rps=$(echo "$out" | awk '/^Requests\/sec/ {print $2}')
+  p50=$(to_ms "$(echo "$out" | awk '$1 == "50%" {print $2}')")
+  p99=$(to_ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
+  errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
+  local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v d="$DUR" 'BEGIN {printf "%.0f", (b-a)/hz/d*100}')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" >> "$results"
+  [ -n "$errs" ] && echo "bench: $target c$conns $path: $errs" >&2
+  printf '  round %s %-8s c=%-3s %-6s %10s rps  p50 %8s ms  p99 %8s ms  rss %6s KiB  cpu %4s%%\n' "$round" "$target" "$conns" "$path" "$rps" "$p50" "$p99" "$rss" "$cpu" >&2
+}
+
+echo "bench: ${ROUNDS} rounds of ${DUR}s per target and scenario (targets: $TARGETS)" >&2
+for scenario in "64 small" "1 small" "64 large" "1 large"; do
+  set -- $scenario
+  for round in $(seq "$ROUNDS"); do
+    for target in $TARGETS; do
+      run_one "$target" "$1" "$2" "$round"
+    done
+  done
+done
+
+# --- report -----------------------------------------------------------------------
+report=$work/report.md
+{
+  echo "# meshd benchmark"
+  echo
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(go version | awk '{print $3}'), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}'), $("$NGINX" -v 2>&1 | sed 's/.*nginx\//nginx /'), wrk ${DUR}s x ${ROUNDS} rounds, targets in turns."
+  echo "Backends: one nginx worker serving 3 ports. HAProxy: nbthread 2, http-reuse always. nginx: 2 workers, keepalive 128. meshd: round_robin, access log off."
+  echo "Medians over rounds. RSS at the end of the run; CPU is the proxy's share of one core (200% = both)."
+  echo
+  echo "| scenario | target | rps | p50 ms | p99 ms | RSS MiB | CPU % |"
+  echo "|---|---|---:|---:|---:|---:|---:|"
+  awk -F'\t' '
+    function median(arr, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }; return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2 }
+    { key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
+    END {
+      for (i = 1; i <= k; i++) {
+        key = order[i]; split(key, parts, SUBSEP)
+        m = n[key]
+        for (j = 1; j <= m; j++) { a[j] = rps[key, j]; b[j] = p50[key, j]; c[j] = p99[key, j]; d[j] = rss[key, j]; e[j] = cpu[key, j] }
+        R = median(a, m); P5 = median(b, m); P9 = median(c, m); S = median(d, m); C = median(e, m)
+        med[parts[1], parts[2], "rps"] = R; med[parts[1], parts[2], "p50"] = P5; med[parts[1], parts[2], "p99"] = P9
+        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s |\n", parts[1], parts[2], R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C)
+        sc[parts[1]] = 1
+      }
+      print ""
+      print "| scenario | meshd/HAProxy rps | meshd/nginx rps | meshd/direct rps | meshd/HAProxy p50 | meshd/HAProxy p99 |"
+      print "|---|---:|---:|---:|---:|---:|"
+      for (s in sc) {
+        mr = med[s, "meshd", "rps"]; hr = med[s, "haproxy", "rps"]; nr = med[s, "nginx", "rps"]; dr = med[s, "direct", "rps"]
+        printf "| %s | %s | %s | %s | %s | %s |\n", s, (hr ? sprintf("%.2f", mr / hr) : "-"), (nr ? sprintf("%.2f", mr / nr) : "-"), (dr ? sprintf("%.2f", mr / dr) : "-"), (med[s, "haproxy", "p50"] ? sprintf("%.2f", med[s, "meshd", "p50"] / med[s, "haproxy", "p50"]) : "-"), (med[s, "haproxy", "p99"] ? sprintf("%.2f", med[s, "meshd", "p99"] / med[s, "haproxy", "p99"]) : "-")
+      }
+    }' "$results"
+} > "$report"
+cat "$report"
+cp "$report" "$OUT"
+echo "bench: written to $OUT" >&2

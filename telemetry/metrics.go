@@ -1,0 +1,379 @@
+package telemetry
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel/attribute"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/metric"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/resource"
+)
+
+// Metric names (OpenTelemetry form; Prometheus replaces dots with
+// underscores and adds _seconds / _total suffixes).
+const (
+	MetricClientDuration     = "http.client.request.duration"
+	MetricServerDuration     = "http.server.request.duration"
+	MetricRequests           = "meshd.requests"
+	MetricInFlight           = "meshd.requests.in_flight"
+	MetricRetries            = "meshd.retries"
+	MetricBreakerTransitions = "meshd.breaker.transitions"
+	MetricBreakerState       = "meshd.breaker.state"
+	MetricDiscoveryUpdates   = "meshd.discovery.updates"
+	MetricDiscoveryInstances = "meshd.discovery.instances"
+	MetricDiscoveryStale     = "meshd.discovery.stale"
+)
+
+// durationBuckets are the boundaries (seconds) the HTTP semantic
+// conventions recommend for request durations.
+var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10}
+
+// Metrics records meshd's request, retry, breaker and discovery metrics.
+//
+// All methods are safe for concurrent use and accept a nil receiver, which
+// does nothing (the state when metrics are off). The per-request methods
+// (RequestDone, ServerRequestDone, InFlight, Retry) look up a cached
+// attribute set per label combination and do not allocate once a
+// combination has been seen; the cache keeps every combination for the life
+// of the process, like the Prometheus series it feeds.
+type Metrics struct {
+	clientDur          metric.Float64Histogram
+	serverDur          metric.Float64Histogram
+	requests           metric.Int64Counter
+	inFlight           metric.Int64UpDownCounter
+	retries            metric.Int64Counter
+	breakerTransitions metric.Int64Counter
+	breakerState       metric.Int64Gauge
+	discUpdates        metric.Int64Counter
+	discInstances      metric.Int64Gauge
+	discStale          metric.Int64Gauge
+
+	reqSets      setCache[reqKey]
+	srvSets      setCache[srvKey]
+	upstreamSets setCache[string]
+	retrySets    setCache[[2]string]
+}
+
+type reqKey struct {
+	upstream, instance string
+	status             int
+	errType            string
+}
+
+type srvKey struct {
+	upstream string
+	status   int
+}
+
+// newMetrics builds the instruments on a meter provider that exports to a
+// private Prometheus registry, and the handler serving that registry.
+func newMetrics(res *resource.Resource) (*Metrics, http.Handler, func(context.Context) error, error) {
+	reg := prometheus.NewRegistry()
+	exp, err := otelprom.New(otelprom.WithRegisterer(reg), otelprom.WithoutScopeInfo())
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("prometheus exporter: %w", err)
+	}
+	if err := reg.Register(collectors.NewGoCollector()); err != nil {
+		return nil, nil, nil, fmt.Errorf("go collector: %w", err)
+	}
+	if err := reg.Register(collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})); err != nil {
+		return nil, nil, nil, fmt.Errorf("process collector: %w", err)
+	}
+	opts := []sdkmetric.Option{sdkmetric.WithReader(exp)}
+	if res != nil {
+		opts = append(opts, sdkmetric.WithResource(res))
+	}
+	mp := sdkmetric.NewMeterProvider(opts...)
+	m, err := newInstruments(mp.Meter(ScopeName))
+	if err != nil {
+		_ = mp.Shutdown(context.Background())
+		return nil, nil, nil, err
+	}
+	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+	return m, h, mp.Shutdown, nil
+}
+
+func newInstruments(meter metric.Meter) (*Metrics, error) {
+	m := &Metrics{}
+	var err error
+	fail := func(name string, err error) (*Metrics, error) {
+		return nil, fmt.Errorf("instrument %s: %w", name, err)
+	}
+	if m.clientDur, err = meter.Float64Histogram(MetricClientDuration, metric.WithUnit("s"),
+		metric.WithDescription("Duration of each attempt meshd made to an upstream instance."),
+		metric.WithExplicitBucketBoundaries(durationBuckets...)); err != nil {
+		return fail(MetricClientDuration, err)
+	}
+	if m.serverDur, err = meter.Float64Histogram(MetricServerDuration, metric.WithUnit("s"),
+		metric.WithDescription("Duration of requests meshd received, retries included."),
+		metric.WithExplicitBucketBoundaries(durationBuckets...)); err != nil {
+		return fail(MetricServerDuration, err)
+	}
+	if m.requests, err = meter.Int64Counter(MetricRequests, metric.WithUnit("{request}"),
+		metric.WithDescription("Attempts made to upstream instances, by status class.")); err != nil {
+		return fail(MetricRequests, err)
+	}
+	if m.inFlight, err = meter.Int64UpDownCounter(MetricInFlight, metric.WithUnit("{request}"),
+		metric.WithDescription("Requests to an upstream currently being handled.")); err != nil {
+		return fail(MetricInFlight, err)
+	}
+	if m.retries, err = meter.Int64Counter(MetricRetries, metric.WithUnit("{retry}"),
+		metric.WithDescription("Retries, by cause.")); err != nil {
+		return fail(MetricRetries, err)
+	}
+	if m.breakerTransitions, err = meter.Int64Counter(MetricBreakerTransitions, metric.WithUnit("{transition}"),
+		metric.WithDescription("Circuit breaker state changes.")); err != nil {
+		return fail(MetricBreakerTransitions, err)
+	}
+	if m.breakerState, err = meter.Int64Gauge(MetricBreakerState,
+		metric.WithDescription("Circuit breaker state per instance: 0 closed, 1 open, 2 half-open.")); err != nil {
+		return fail(MetricBreakerState, err)
+	}
+	if m.discUpdates, err = meter.Int64Counter(MetricDiscoveryUpdates, metric.WithUnit("{update}"),
+		metric.WithDescription("Instance sets received from discovery.")); err != nil {
+		return fail(MetricDiscoveryUpdates, err)
+	}
+	if m.discInstances, err = meter.Int64Gauge(MetricDiscoveryInstances, metric.WithUnit("{instance}"),
+		metric.WithDescription("Instances in the latest set from discovery.")); err != nil {
+		return fail(MetricDiscoveryInstances, err)
+	}
+	if m.discStale, err = meter.Int64Gauge(MetricDiscoveryStale,
+		metric.WithDescription("1 while discovery for the upstream is failing and the last good set is in use.")); err != nil {
+		return fail(MetricDiscoveryStale, err)
+	}
+	return m, nil
+}
+
+// RequestDone records one finished attempt to an instance: its duration in
+// http.client.request.duration (labels meshd.upstream, meshd.instance.id,
+// http.response.status_code when status > 0, error.type when errType is
+// set or status >= 400) and one count in meshd.requests (labels
+// meshd.upstream, meshd.instance.id, meshd.status_class: 1xx..5xx, or
+// "canceled" / "error" when no status was received).
+func (m *Metrics) RequestDone(upstream, instance string, status int, dur time.Duration, errType string) {
+	if m == nil {
+		return
+	}
+	k := reqKey{upstream: upstream, instance: instance, status: status, errType: errType}
+	o, ok := m.reqSets.get(k)
+	if !ok {
+		o = m.reqSets.put(k, requestSets(k))
+	}
+	ctx := context.Background()
+	m.clientDur.Record(ctx, dur.Seconds(), o.rec...)
+	m.requests.Add(ctx, 1, o.add2...)
+}
+
+func requestSets(k reqKey) [2]attribute.Set {
+	dur := make([]attribute.KeyValue, 0, 4)
+	dur = append(dur, AttrUpstream.String(k.upstream), AttrInstanceID.String(k.instance))
+	if k.status > 0 {
+		dur = append(dur, attrStatusCode.Int(k.status))
+	}
+	if k.errType != "" {
+		dur = append(dur, attrErrorType.String(k.errType))
+	} else if k.status >= 400 {
+		dur = append(dur, attrErrorType.String(statusString(k.status)))
+	}
+	cnt := []attribute.KeyValue{
+		AttrUpstream.String(k.upstream), AttrInstanceID.String(k.instance),
+		AttrStatusClass.String(statusClass(k.status, k.errType)),
+	}
+	return [2]attribute.Set{attribute.NewSet(dur...), attribute.NewSet(cnt...)}
+}
+
+func statusClass(status int, errType string) string {
+	switch {
+	case status >= 100 && status < 200:
+		return "1xx"
+	case status >= 200 && status < 300:
+		return "2xx"
+	case status >= 300 && status < 400:
+		return "3xx"
+	case status >= 400 && status < 500:
+		return "4xx"
+	case status >= 500 && status < 600:
+		return "5xx"
+	case errType == ErrTypeCanceled:
+		return "canceled"
+	}
+	return "error"
+}
+
+// ServerRequestDone records one finished request meshd received for
+// upstream in http.server.request.duration (labels meshd.upstream,
+// http.response.status_code when status > 0, error.type for status >= 500).
+func (m *Metrics) ServerRequestDone(upstream string, status int, dur time.Duration) {
+	if m == nil {
+		return
+	}
+	k := srvKey{upstream: upstream, status: status}
+	o, ok := m.srvSets.get(k)
+	if !ok {
+		attrs := []attribute.KeyValue{AttrUpstream.String(upstream)}
+		if status > 0 {
+			attrs = append(attrs, attrStatusCode.Int(status))
+		}
+		if status >= 500 {
+			attrs = append(attrs, attrErrorType.String(statusString(status)))
+		}
+		s := attribute.NewSet(attrs...)
+		o = m.srvSets.put(k, [2]attribute.Set{s, s})
+	}
+	m.serverDur.Record(context.Background(), dur.Seconds(), o.rec...)
+}
+
+// InFlight adds delta (+1 when a request to upstream starts, -1 when it
+// ends) to meshd.requests.in_flight.
+func (m *Metrics) InFlight(upstream string, delta int64) {
+	if m == nil {
+		return
+	}
+	o := m.upstreamOpts(upstream)
+	m.inFlight.Add(context.Background(), delta, o.add...)
+}
+
+func (m *Metrics) upstreamOpts(upstream string) *setOpts {
+	o, ok := m.upstreamSets.get(upstream)
+	if !ok {
+		s := attribute.NewSet(AttrUpstream.String(upstream))
+		o = m.upstreamSets.put(upstream, [2]attribute.Set{s, s})
+	}
+	return o
+}
+
+// Retry counts one retry of a request to upstream in meshd.retries (labels
+// meshd.upstream, meshd.retry.cause).
+func (m *Metrics) Retry(upstream, cause string) {
+	if m == nil {
+		return
+	}
+	k := [2]string{upstream, cause}
+	o, ok := m.retrySets.get(k)
+	if !ok {
+		s := attribute.NewSet(AttrUpstream.String(upstream), AttrRetryCause.String(cause))
+		o = m.retrySets.put(k, [2]attribute.Set{s, s})
+	}
+	m.retries.Add(context.Background(), 1, o.add...)
+}
+
+// BreakerTransition counts a breaker state change of instance in
+// meshd.breaker.transitions (labels meshd.upstream, meshd.instance.id,
+// meshd.breaker.from, meshd.breaker.to) and sets meshd.breaker.state for
+// the instance to the new state (0 closed, 1 open, 2 half-open; states
+// other than closed, open, half-open leave the gauge unchanged). Rare event:
+// attributes are built per call. Safe to call from a breaker's
+// state-change callback (never blocks on meshd's locks).
+func (m *Metrics) BreakerTransition(upstream, instance, from, to string) {
+	if m == nil {
+		return
+	}
+	ctx := context.Background()
+	m.breakerTransitions.Add(ctx, 1, metric.WithAttributes(
+		AttrUpstream.String(upstream), AttrInstanceID.String(instance),
+		AttrBreakerFrom.String(from), AttrBreakerTo.String(to)))
+	if v, ok := BreakerStateValue(to); ok {
+		m.breakerState.Record(ctx, v, metric.WithAttributes(
+			AttrUpstream.String(upstream), AttrInstanceID.String(instance)))
+	}
+}
+
+// BreakerStateValue maps a breaker state name to the value of
+// meshd.breaker.state: closed 0, open 1, half-open (or half_open) 2.
+func BreakerStateValue(state string) (int64, bool) {
+	switch state {
+	case "closed":
+		return 0, true
+	case "open":
+		return 1, true
+	case "half-open", "half_open", "halfopen":
+		return 2, true
+	}
+	return 0, false
+}
+
+// DiscoveryUpdate counts an instance set received for upstream from source
+// ("static", "consul") in meshd.discovery.updates and sets
+// meshd.discovery.instances to its size.
+func (m *Metrics) DiscoveryUpdate(upstream, source string, instances int) {
+	if m == nil {
+		return
+	}
+	ctx := context.Background()
+	m.discUpdates.Add(ctx, 1, metric.WithAttributes(AttrUpstream.String(upstream), AttrDiscoverySrc.String(source)))
+	m.discInstances.Record(ctx, int64(instances), m.upstreamOpts(upstream).rec...)
+}
+
+// DiscoveryStale sets meshd.discovery.stale for upstream: 1 while discovery
+// is failing and the last good set is in use, 0 otherwise.
+func (m *Metrics) DiscoveryStale(upstream string, stale bool) {
+	if m == nil {
+		return
+	}
+	var v int64
+	if stale {
+		v = 1
+	}
+	m.discStale.Record(context.Background(), v, m.upstreamOpts(upstream).rec...)
+}
+
+// setOpts are the pre-built measurement options for one label combination.
+type setOpts struct {
+	rec  []metric.RecordOption // first set, for histograms and gauges
+	add  []metric.AddOption    // first set, for counters
+	add2 []metric.AddOption    // second set, for counters
+}
+
+// setCache maps a label combination to its options. Reads are lock-free and
+// allocation-free (copy-on-write map behind an atomic pointer); writes, once
+// per new combination, copy the map under a mutex.
+type setCache[K comparable] struct {
+	m  atomic.Pointer[map[K]*setOpts]
+	mu sync.Mutex
+}
+
+func (c *setCache[K]) get(k K) (*setOpts, bool) {
+	if m := c.m.Load(); m != nil {
+		o, ok := (*m)[k]
+		return o, ok
+	}
+	return nil, false
+}
+
+func (c *setCache[K]) put(k K, sets [2]attribute.Set) *setOpts {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	if old != nil {
+		if o, ok := (*old)[k]; ok {
+			return o
+		}
+	}
+	first, second := metric.WithAttributeSet(sets[0]), metric.WithAttributeSet(sets[1])
+	o := &setOpts{
+		rec:  []metric.RecordOption{first},
+		add:  []metric.AddOption{first},
+		add2: []metric.AddOption{second},
+	}
+	var next map[K]*setOpts
+	if old == nil {
+		next = make(map[K]*setOpts, 1)
+	} else {
+		next = make(map[K]*setOpts, len(*old)+1)
+		for kk, v := range *old {
+			next[kk] = v
+		}
+	}
+	next[k] = o
+	c.m.Store(&next)
+	return o
+}

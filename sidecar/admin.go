@@ -4,11 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"text/tabwriter"
 	"net/http"
 	"net/http/pprof"
 	"sort"
 	"strings"
+	"text/tabwriter"
 	"time"
 )
 
@@ -159,7 +159,12 @@ func (s *Sidecar) adminHandler() http.Handler {
 }
 
 // extendAdmin adds endpoints provided by optional parts (metrics).
-func (s *Sidecar) extendAdmin(mux *http.ServeMux) {}
+func (s *Sidecar) extendAdmin(mux *http.ServeMux) {
+	if s.tel != nil && s.tel.MetricsHandler != nil {
+		h := s.tel.MetricsHandler
+		mux.Handle("GET /metrics", h)
+	}
+}
 
 // writeStatusText renders /upstreams as a table for people.
 func writeStatusText(w io.Writer, ups []UpstreamStatus) {

@@ -12,11 +12,16 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/resilience"
+	"github.com/meshd/meshd/telemetry"
 )
 
 // proxyHandler serves the outbound listener and the dedicated per-upstream listeners.
@@ -30,7 +35,7 @@ func (h *proxyHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	u, rerr := s.route(r, h.l)
 	if rerr != nil {
-		s.fail(w, r, nil, "", rerr.status, rerr.msg, start, 0)
+		s.reject(w, r, nil, rerr.status, rerr.msg, start)
 		return
 	}
 	u.requests.Add(1)
@@ -42,20 +47,40 @@ func (h *proxyHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.forward(w, r, u, start, h.l.fixed.Load() != nil)
 }
 
-// defaultAttempts bounds tries per request until resilience settings say otherwise.
-const defaultAttempts = 3
-
-// defaultBufferBody is the largest request body kept for a resend.
-const defaultBufferBody = 64 << 10
-
-// latencyAlpha weighs each new response time in the instance's average.
-const latencyAlpha = 0.3
-
-// forward sends r to an instance of u, retrying on another instance when the
-// first could not be reached, and streams the response back.
+// forward sends r to an instance of u and streams the response back. Each
+// try picks an instance the request has not tried, passes its circuit
+// breaker, and gets what is left of the request's time budget; failed tries
+// are retried as the upstream's retry policy and budget allow.
 func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, start time.Time, dedicated bool) {
+	ctx, span := s.tel.StartServer(r.Context(), r, "")
+	m := metricsOf(s.tel)
+	ex := exchange{s: s, w: w, r: r, u: u, start: start, ctx: ctx}
+	defer func() {
+		telemetry.EndServer(span, ex.status, ex.errType)
+		m.ServerRequestDone(u.name, ex.status, time.Since(start))
+		telemetry.AccessLog(s.accessLogger(), ctx, telemetry.Access{
+			Upstream: u.name, Instance: ex.instance, Method: r.Method, Path: r.URL.Path,
+			Status: ex.status, Duration: time.Since(start), Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
+		})
+	}()
+	g := u.guard
+	rc := g.Config()
+	budget, err := rc.Timeouts.Budget(r)
+	if err != nil {
+		ex.fail(http.StatusBadRequest, "", err.Error())
+		return
+	}
+	if budget > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, budget)
+		defer cancel()
+		ex.ctx = ctx
+	}
 	set := u.settings.Load()
 	snap := u.pool.Load()
+	if stale, since, err := u.stale(); stale {
+		telemetry.StaleDiscovery(span, u.name, since, err.Error())
+	}
 	if len(snap.Endpoints) == 0 {
 		reason := snap.Reason
 		if reason == "" {
@@ -64,12 +89,14 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 				reason = "discovery failing: " + err.Error()
 			}
 		}
-		s.fail(w, r, u, "", http.StatusBadGateway, "upstream "+quote(u.name)+" has no instances: "+reason, start, 0)
+		telemetry.NoInstance(span, reason)
+		ex.fail(http.StatusBadGateway, telemetry.ErrTypeNoInstance, "upstream "+quote(u.name)+" has no instances: "+reason)
 		return
 	}
 	cfg := s.cfg.Load()
 	hdr := make(http.Header, len(r.Header)+2)
 	copyEndToEnd(hdr, r.Header)
+	delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
 	upgrade := upgradeType(r.Header)
 	if upgrade != "" {
 		hdr["Connection"] = []string{"Upgrade"}
@@ -92,67 +119,119 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	if dedicated {
 		host = u.name
 	}
-
-	body, err := prepareBody(r, defaultBufferBody)
+	limit := rc.Retry.BufferBody
+	if rc.Retry.Disabled {
+		limit = 0
+	}
+	body, err := prepareBody(r, limit)
 	if err != nil {
-		s.fail(w, r, u, "", http.StatusBadRequest, "reading the request body: "+err.Error(), start, 0)
+		ex.fail(http.StatusBadRequest, "", "reading the request body: "+err.Error())
 		return
 	}
+	g.RequestStarted()
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
-	attempts := defaultAttempts
+	rejected := 0
 	var lastErr error
-	for attempt := 0; attempt < attempts; attempt++ {
+	for {
+		if ctx.Err() != nil {
+			ex.failCtx(lastErr)
+			return
+		}
 		preq.Now = time.Now().UnixNano()
+		preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
 		ep, err := snap.Picker.Pick(&preq)
-		if errors.Is(err, balance.ErrNoneAvailable) && preq.Tried() > 0 && preq.Tried() >= len(snap.Endpoints) {
+		if errors.Is(err, balance.ErrNoneAvailable) && ex.tries > 0 && preq.Tried() >= len(snap.Endpoints) {
+			// Every instance has been tried: a retry may go to one again.
 			preq.ClearExcluded()
 			ep, err = snap.Picker.Pick(&preq)
 		}
 		if err != nil {
 			msg := "no available instance of " + quote(u.name) + ": " + err.Error()
-			if lastErr != nil {
-				msg += " (last error: " + lastErr.Error() + ")"
+			if errors.Is(err, balance.ErrNoneAvailable) {
+				msg += " (every circuit breaker is open)"
 			}
-			s.fail(w, r, u, "", http.StatusServiceUnavailable, msg, start, attempt)
+			if lastErr != nil {
+				msg += "; last error: " + lastErr.Error()
+			}
+			ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, msg)
 			return
 		}
 		preq.Exclude(ep)
+		var done func(resilience.Outcome)
+		if preq.IgnoreHealth {
+			done = g.AdmitForced(ep.Stats)
+		} else if done, err = g.Admit(ep.Stats); err != nil {
+			telemetry.BreakerRejected(span, ep.ID, ep.Breaker().String())
+			if rejected++; rejected > len(snap.Endpoints) {
+				ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, "no available instance of "+quote(u.name)+": "+err.Error())
+				return
+			}
+			continue
+		}
+		ex.tries++
+		ex.instance = ep.ID
 		ep.MarkPicked(preq.Now)
-		out := outgoing(r, ep.Address, host, hdr, body)
+		tryCtx, cancelTry := ctx, context.CancelFunc(nil)
+		if tt := rc.Timeouts.TryTimeout(remaining(ctx)); tt > 0 {
+			tryCtx, cancelTry = context.WithTimeout(ctx, tt)
+		}
+		out := outgoing(tryCtx, r, ep.Address, host, hdr, body)
+		_, aspan := s.tel.StartAttempt(tryCtx, out, telemetry.Attempt{
+			Upstream: u.name, Algorithm: set.algorithm, InstanceID: ep.ID, InstanceAddr: ep.Address,
+			Candidates: preq.Candidates, Reason: preq.Reason, Score: preq.Score, HasScore: preq.Score != 0,
+			Breaker: ep.Breaker().String(), ResendCount: ex.tries - 1,
+		})
 		ep.InFlight.Add(1)
+		m.InFlight(u.name, 1)
 		t0 := time.Now()
 		resp, err := set.transport.RoundTrip(out)
 		if err != nil {
-			ep.InFlight.Add(-1)
-			ep.Requests.Add(1)
-			if r.Context().Err() != nil {
-				s.access(r, u, ep.ID, 499, start, attempt+1, "client went away")
+			o := g.Classify(r.Context(), err, 0)
+			ex.endTry(ep, done, o, aspan, 0, t0, cancelTry)
+			if o.Canceled() {
+				ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
 				return
 			}
-			ep.Failures.Add(1)
-			u.errors.Add(1)
-			lastErr = fmt.Errorf("%s: %w", ep.Address, err)
-			if isDialError(err) && body.replayable() && attempt+1 < attempts && len(snap.Endpoints) > 1 {
-				s.log.Debug("retrying on another instance", "upstream", u.name, "instance", ep.ID, "err", err)
+			lastErr = fmt.Errorf("%s: %s", ep.Address, errText(err))
+			if ex.retry(span, g, o, body.replayable()) {
 				continue
 			}
 			status := http.StatusBadGateway
-			if isTimeout(err) {
+			if o.Kind() == resilience.KindTimeout {
 				status = http.StatusGatewayTimeout
 			}
-			s.fail(w, r, u, ep.ID, status, "upstream "+quote(u.name)+" instance "+ep.Address+": "+errText(err), start, attempt+1)
+			ex.fail(status, o.Kind(), "upstream "+quote(u.name)+" instance "+lastErr.Error())
 			return
 		}
 		ep.ObserveLatency(time.Since(t0), latencyAlpha)
-		status, ok := s.respond(w, r, resp, ep)
-		ep.InFlight.Add(-1)
-		ep.Requests.Add(1)
-		if !ok {
-			ep.Failures.Add(1)
-			u.errors.Add(1)
+		o := g.Classify(r.Context(), nil, resp.StatusCode)
+		if o.Failure() && resp.StatusCode != http.StatusSwitchingProtocols {
+			// A failing status: retry it if the policy allows, on a body
+			// the client has not seen.
+			if retry, _ := g.RetryDecision(r.Method, ex.tries, o, body.replayable()); retry && ctx.Err() == nil {
+				drain(resp.Body)
+				ex.endTry(ep, done, o, aspan, resp.StatusCode, t0, cancelTry)
+				lastErr = fmt.Errorf("%s: answered %d", ep.Address, resp.StatusCode)
+				if ex.retryDecided(span, g, o) {
+					continue
+				}
+				// The backoff outlived the budget.
+				ex.failCtx(lastErr)
+				return
+			}
 		}
-		s.access(r, u, ep.ID, status, start, attempt+1, "")
-		if !ok {
+		status, n, rerr := s.respond(w, r, resp, ep)
+		ex.status, ex.bytes = status, n
+		if rerr != nil {
+			o = g.Classify(r.Context(), rerr, status)
+			if !o.Canceled() {
+				ex.errType, ex.errMsg = o.Kind(), "response broke off: "+rerr.Error()
+			}
+		} else if status >= 500 {
+			ex.errType = strconv.Itoa(status)
+		}
+		ex.endTry(ep, done, o, aspan, status, t0, cancelTry)
+		if rerr != nil && !o.Canceled() {
 			// The status line is gone; abort so the client sees a broken
 			// response rather than a short one.
 			panic(http.ErrAbortHandler)
@@ -161,8 +240,122 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	}
 }
 
+// latencyAlpha weighs each new response time in the instance's average.
+const latencyAlpha = 0.3
+
+// exchange is the state of one forwarded request across its tries.
+type exchange struct {
+	s        *Sidecar
+	w        http.ResponseWriter
+	r        *http.Request
+	u        *upstream
+	ctx      context.Context
+	start    time.Time
+	tries    int
+	instance string
+	status   int
+	bytes    int64
+	errType  string
+	errMsg   string
+}
+
+// endTry settles one try: breaker outcome, counters, span and metrics.
+func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), o resilience.Outcome, aspan trace.Span, status int, t0 time.Time, cancel context.CancelFunc) {
+	done(o)
+	if cancel != nil {
+		cancel()
+	}
+	ep.InFlight.Add(-1)
+	ep.Requests.Add(1)
+	m := metricsOf(ex.s.tel)
+	m.InFlight(ex.u.name, -1)
+	kind := ""
+	if o.Kind() != resilience.KindNone {
+		kind = o.Kind()
+	}
+	if o.Failure() {
+		ep.Failures.Add(1)
+		ex.u.errors.Add(1)
+	}
+	telemetry.EndAttempt(aspan, status, kind)
+	m.RequestDone(ex.u.name, ep.ID, status, time.Since(t0), kind)
+}
+
+// retry asks the policy whether a failed try is tried again, and waits the backoff.
+func (ex *exchange) retry(span trace.Span, g *resilience.Guard, o resilience.Outcome, replayable bool) bool {
+	if ex.ctx.Err() != nil {
+		return false
+	}
+	if ok, _ := g.RetryDecision(ex.r.Method, ex.tries, o, replayable); !ok {
+		return false
+	}
+	return ex.retryDecided(span, g, o)
+}
+
+// retryDecided records a retry the policy granted and sleeps its backoff;
+// false when the request's budget ends first.
+func (ex *exchange) retryDecided(span trace.Span, g *resilience.Guard, o resilience.Outcome) bool {
+	cause := o.Kind()
+	if cause == resilience.KindNone {
+		cause = strconv.Itoa(o.Status)
+	}
+	wait := g.Backoff(ex.tries)
+	telemetry.Retrying(span, ex.tries, cause, wait)
+	metricsOf(ex.s.tel).Retry(ex.u.name, cause)
+	if wait <= 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ex.ctx.Done():
+		return false
+	}
+}
+
+// fail answers with meshd's own error.
+func (ex *exchange) fail(status int, errType, msg string) {
+	ex.status, ex.errType, ex.errMsg = status, errType, msg
+	if errType == "" && status >= 500 {
+		ex.errType = strconv.Itoa(status)
+	}
+	writeError(ex.w, status, msg)
+	if status >= 500 {
+		ex.u.errors.Add(1)
+	}
+}
+
+// failCtx answers a request whose budget ran out or whose caller left.
+func (ex *exchange) failCtx(lastErr error) {
+	if ex.r.Context().Err() != nil {
+		ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
+		return
+	}
+	msg := "upstream " + quote(ex.u.name) + ": request timed out"
+	if lastErr != nil {
+		msg += "; last error: " + lastErr.Error()
+	}
+	ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, msg)
+}
+
+// remaining is the time left before ctx's deadline, 0 when it has none.
+func remaining(ctx context.Context) time.Duration {
+	if d, ok := ctx.Deadline(); ok {
+		return max(time.Until(d), time.Nanosecond)
+	}
+	return 0
+}
+
+// drain reads a little of a discarded body so its connection can be reused.
+func drain(body io.ReadCloser) {
+	io.CopyN(io.Discard, body, 64<<10)
+	body.Close()
+}
+
 // outgoing builds one attempt's request to addr.
-func outgoing(r *http.Request, addr, host string, hdr http.Header, body *reqBody) *http.Request {
+func outgoing(ctx context.Context, r *http.Request, addr, host string, hdr http.Header, body *reqBody) *http.Request {
 	u := &url.URL{Scheme: "http", Host: addr, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
 	if r.URL.Opaque != "" {
 		u.Opaque = r.URL.Opaque
@@ -182,7 +375,7 @@ func outgoing(r *http.Request, addr, host string, hdr http.Header, body *reqBody
 	if out.Body != nil {
 		out.GetBody = body.getBody
 	}
-	return out.WithContext(r.Context())
+	return out.WithContext(ctx)
 }
 
 // reqBody is a request body, buffered when small enough to resend.
@@ -250,12 +443,13 @@ func prepareBody(r *http.Request, limit int64) (*reqBody, error) {
 
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// respond writes resp to w. It returns the status and false when the
-// upstream's body failed part way.
-func (s *Sidecar) respond(w http.ResponseWriter, r *http.Request, resp *http.Response, ep *balance.Endpoint) (int, bool) {
+// respond writes resp to w. It returns the status, the body bytes written
+// and the upstream's error when its body broke off part way.
+func (s *Sidecar) respond(w http.ResponseWriter, r *http.Request, resp *http.Response, ep *balance.Endpoint) (int, int64, error) {
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusSwitchingProtocols {
-		return s.switchProtocols(w, r, resp)
+		st, err := s.switchProtocols(w, r, resp)
+		return st, 0, err
 	}
 	h := w.Header()
 	copyEndToEnd(h, resp.Header)
@@ -278,13 +472,15 @@ func (s *Sidecar) respond(w http.ResponseWriter, r *http.Request, resp *http.Res
 			flusher.Flush()
 		}
 	}
+	var written int64
 	for {
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				// The client is gone; nothing more can be sent.
-				return resp.StatusCode, true
+				return resp.StatusCode, written, context.Canceled
 			}
+			written += int64(n)
 			if flusher != nil {
 				flusher.Flush()
 			}
@@ -293,17 +489,16 @@ func (s *Sidecar) respond(w http.ResponseWriter, r *http.Request, resp *http.Res
 			break
 		}
 		if rerr != nil {
-			if r.Context().Err() != nil {
-				return resp.StatusCode, true
+			if r.Context().Err() == nil {
+				s.log.Warn("upstream response broke off", "instance", ep.ID, "err", rerr)
 			}
-			s.log.Warn("upstream response broke off", "instance", ep.ID, "err", rerr)
-			return resp.StatusCode, false
+			return resp.StatusCode, written, rerr
 		}
 	}
 	for k, vv := range resp.Trailer {
 		h[http.TrailerPrefix+k] = vv
 	}
-	return resp.StatusCode, true
+	return resp.StatusCode, written, nil
 }
 
 func isEventStream(h http.Header) bool {
@@ -313,16 +508,16 @@ func isEventStream(h http.Header) bool {
 
 // switchProtocols completes an upgrade (WebSocket and others): the client's
 // connection is taken over and bytes are copied both ways until one side closes.
-func (s *Sidecar) switchProtocols(w http.ResponseWriter, r *http.Request, resp *http.Response) (int, bool) {
+func (s *Sidecar) switchProtocols(w http.ResponseWriter, r *http.Request, resp *http.Response) (int, error) {
 	backend, ok := resp.Body.(io.ReadWriteCloser)
 	if !ok {
-		http.Error(w, "meshd: upstream switched protocols without a usable connection", http.StatusBadGateway)
-		return http.StatusBadGateway, false
+		writeError(w, http.StatusBadGateway, "upstream switched protocols without a usable connection")
+		return http.StatusBadGateway, nil
 	}
 	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
-		http.Error(w, "meshd: cannot switch protocols on this connection: "+err.Error(), http.StatusBadGateway)
-		return http.StatusBadGateway, false
+		writeError(w, http.StatusBadGateway, "cannot switch protocols on this connection: "+err.Error())
+		return http.StatusBadGateway, nil
 	}
 	defer conn.Close()
 	untrack := s.trackTunnel(conn)
@@ -335,10 +530,10 @@ func (s *Sidecar) switchProtocols(w http.ResponseWriter, r *http.Request, resp *
 	h.Write(brw)
 	brw.WriteString("\r\n")
 	if err := brw.Flush(); err != nil {
-		return http.StatusSwitchingProtocols, true
+		return http.StatusSwitchingProtocols, nil
 	}
 	pipe(conn, brw.Reader, backend)
-	return http.StatusSwitchingProtocols, true
+	return http.StatusSwitchingProtocols, nil
 }
 
 // pipe copies client→backend (starting with what is already buffered from
@@ -375,36 +570,44 @@ func closeWrite(c any) {
 }
 
 // tunnel serves CONNECT NAME:PORT by opening a TCP connection to a picked
-// instance of u (the port asked for is not used: the instance's is).
+// instance of u (the port asked for is not used: the instance's is). Dials
+// pass the instance's circuit breaker and move on to another instance on
+// failure.
 func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, start time.Time) {
 	cfg := s.cfg.Load()
 	if !cfg.Proxy.ConnectOn() {
-		s.fail(w, r, u, "", http.StatusMethodNotAllowed, "CONNECT is disabled (proxy.allow_connect)", start, 0)
+		s.reject(w, r, u, http.StatusMethodNotAllowed, "CONNECT is disabled (proxy.allow_connect)", start)
 		return
 	}
-	set := u.settings.Load()
 	snap := u.pool.Load()
 	if len(snap.Endpoints) == 0 {
-		s.fail(w, r, u, "", http.StatusBadGateway, "upstream "+quote(u.name)+" has no instances: "+snap.Reason, start, 0)
+		s.reject(w, r, u, http.StatusBadGateway, "upstream "+quote(u.name)+" has no instances: "+snap.Reason, start)
 		return
 	}
-	connect := set.cfg.Timeouts.Connect
-	if connect == 0 {
-		connect = 2 * time.Second
-	}
+	g := u.guard
+	rc := g.Config()
 	preq := balance.Request{HTTP: r, ClientIP: remoteIP(r)}
 	var backend net.Conn
 	var ep *balance.Endpoint
 	var lastErr error
-	for attempt := 0; attempt < defaultAttempts && backend == nil; attempt++ {
+	for i := 0; i < len(snap.Endpoints) && i < max(rc.Retry.Attempts, 1) && backend == nil; i++ {
 		preq.Now = time.Now().UnixNano()
+		preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
 		e, err := snap.Picker.Pick(&preq)
 		if err != nil {
+			lastErr = err
 			break
 		}
 		preq.Exclude(e)
-		d := net.Dialer{Timeout: connect}
+		done, err := g.Admit(e.Stats)
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		d := net.Dialer{Timeout: rc.Timeouts.Connect}
 		c, err := d.DialContext(r.Context(), "tcp", e.Address)
+		o := g.Classify(r.Context(), err, 0)
+		done(o)
 		if err != nil {
 			e.Failures.Add(1)
 			lastErr = err
@@ -417,7 +620,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 		if lastErr != nil {
 			msg += ": " + lastErr.Error()
 		}
-		s.fail(w, r, u, "", http.StatusBadGateway, msg, start, 0)
+		s.reject(w, r, u, http.StatusBadGateway, msg, start)
 		return
 	}
 	defer backend.Close()
@@ -425,7 +628,9 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	defer ep.InFlight.Add(-1)
 	ep.Requests.Add(1)
 	ep.MarkPicked(preq.Now)
-	s.access(r, u, ep.ID, http.StatusOK, start, 1, "")
+	telemetry.AccessLog(s.accessLogger(), r.Context(), telemetry.Access{
+		Upstream: u.name, Instance: ep.ID, Method: r.Method, Path: r.Host, Status: http.StatusOK, Duration: time.Since(start), Attempts: 1,
+	})
 	if r.ProtoMajor == 1 {
 		conn, brw, err := http.NewResponseController(w).Hijack()
 		if err != nil {
@@ -441,8 +646,8 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	}
 	// HTTP/2 CONNECT: the stream is the tunnel.
 	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	rc.Flush()
+	ctl := http.NewResponseController(w)
+	ctl.Flush()
 	go func() {
 		io.Copy(backend, r.Body)
 		closeWrite(backend)
@@ -454,7 +659,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				return
 			}
-			rc.Flush()
+			ctl.Flush()
 		}
 		if err != nil {
 			return
@@ -462,45 +667,37 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	}
 }
 
-// fail answers a request meshd could not forward, with a short plain-text reason.
-func (s *Sidecar) fail(w http.ResponseWriter, r *http.Request, u *upstream, inst string, status int, msg string, start time.Time, attempts int) {
+// writeError answers with meshd's own short plain-text reason.
+func writeError(w http.ResponseWriter, status int, msg string) {
 	h := w.Header()
 	h.Set("Content-Type", "text/plain; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("X-Meshd-Error", http.StatusText(status))
 	w.WriteHeader(status)
 	io.WriteString(w, "meshd: "+msg+"\n")
-	if u != nil && status >= 500 {
-		u.errors.Add(1)
-	}
-	s.accessErr(r, u, inst, status, start, attempts, msg)
 }
 
-func (s *Sidecar) access(r *http.Request, u *upstream, inst string, status int, start time.Time, attempts int, errMsg string) {
-	s.accessErr(r, u, inst, status, start, attempts, errMsg)
-}
-
-func (s *Sidecar) accessErr(r *http.Request, u *upstream, inst string, status int, start time.Time, attempts int, errMsg string) {
-	if !s.cfg.Load().Log.AccessOn() {
-		return
-	}
+// reject answers a request that never reached an upstream's data path.
+func (s *Sidecar) reject(w http.ResponseWriter, r *http.Request, u *upstream, status int, msg string, start time.Time) {
+	writeError(w, status, msg)
 	name := ""
 	if u != nil {
 		name = u.name
+		if status >= 500 {
+			u.errors.Add(1)
+		}
 	}
-	attrs := []slog.Attr{
-		slog.String("upstream", name),
-		slog.String("instance", inst),
-		slog.String("method", r.Method),
-		slog.String("path", r.URL.Path),
-		slog.Int("status", status),
-		slog.Duration("duration", time.Since(start)),
-		slog.Int("attempts", attempts),
+	telemetry.AccessLog(s.accessLogger(), r.Context(), telemetry.Access{
+		Upstream: name, Method: r.Method, Path: r.URL.Path, Status: status, Duration: time.Since(start), Err: msg,
+	})
+}
+
+// accessLogger is the logger for access lines, nil when they are off.
+func (s *Sidecar) accessLogger() *slog.Logger {
+	if !s.cfg.Load().Log.AccessOn() {
+		return nil
 	}
-	if errMsg != "" {
-		attrs = append(attrs, slog.String("error", errMsg))
-	}
-	s.log.LogAttrs(r.Context(), slog.LevelInfo, "access", attrs...)
+	return s.log
 }
 
 // remoteIP is the address of the connection's peer.

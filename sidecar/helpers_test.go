@@ -51,7 +51,7 @@ func start(t testing.TB, yaml string) *Sidecar {
 	if err != nil {
 		t.Fatalf("config:\n%v", err)
 	}
-	s, err := New(cfg, testLogger(t))
+	s, err := New(cfg, testLogger(t), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

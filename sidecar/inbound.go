@@ -27,9 +27,14 @@ func (s *Sidecar) inboundUpstream() *upstream {
 		return u
 	}
 	policy, _ := balance.New(balance.Config{Algorithm: "round_robin"})
-	u := &upstream{name: "inbound", source: "local", log: s.log, pool: balance.NewPool(policy), done: make(chan struct{}), inboundAddr: addr}
+	u, err := newUpstream("inbound", "local", inboundSettings(), policy, s.log, s.tel)
+	if err != nil {
+		// The inbound settings are fixed and valid; this cannot happen.
+		s.log.Error("inbound upstream", "err", err)
+		return s.inbound.Load()
+	}
+	u.inboundAddr = addr
 	close(u.done)
-	u.settings.Store(&upstreamSettings{algorithm: "round_robin", transport: newTransport(inboundSettings())})
 	u.pool.Update([]discovery.Instance{{ID: "local-app", Address: addr, Weight: 1}}, "")
 	u.answered.Store(true)
 	if s.inbound.CompareAndSwap(s.inbound.Load(), u) {

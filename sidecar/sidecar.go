@@ -20,12 +20,14 @@ import (
 	"github.com/meshd/meshd/discovery"
 	"github.com/meshd/meshd/discovery/static"
 	"github.com/meshd/meshd/sidecar/config"
+	"github.com/meshd/meshd/telemetry"
 )
 
 // Sidecar is one running meshd. Create it with New, then Start; Reload and
 // Shutdown may be called from any goroutine (they are serialised).
 type Sidecar struct {
 	log *slog.Logger
+	tel *telemetry.Provider
 
 	cfg       atomic.Pointer[config.Config]
 	upstreams atomic.Pointer[map[string]*upstream]
@@ -56,12 +58,13 @@ type listener struct {
 	fixed atomic.Pointer[string]
 }
 
-// New validates cfg's wiring and returns a sidecar that has not bound anything yet.
-func New(cfg *config.Config, log *slog.Logger) (*Sidecar, error) {
+// New returns a sidecar for cfg that has not bound anything yet. log and tel
+// may be nil (the default logger; no traces or metrics).
+func New(cfg *config.Config, log *slog.Logger, tel *telemetry.Provider) (*Sidecar, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Sidecar{log: log, listeners: map[string]*listener{}, tunnelSet: map[net.Conn]struct{}{}}
+	s := &Sidecar{log: log, tel: tel, listeners: map[string]*listener{}, tunnelSet: map[net.Conn]struct{}{}}
 	s.catalog = static.New(staticInstances(cfg.Static))
 	s.cfg.Store(cfg)
 	empty := map[string]*upstream{}
@@ -133,6 +136,9 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 		}
 		st := &upstreamSettings{cfg: uc, algorithm: policy.Name()}
 		if prev, ok := old[name]; ok && prev.source == uc.Discovery && !prev.onDemand {
+			if err := prev.guard.Reconfigure(uc.Resilience()); err != nil {
+				return nil, fmt.Errorf("upstream %q: %w", name, err)
+			}
 			was := prev.settings.Load()
 			if transportKey(was.cfg) == transportKey(uc) {
 				st.transport = was.transport
@@ -147,9 +153,10 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 			out[name] = prev
 			continue
 		}
-		st.transport = newTransport(uc)
-		u := &upstream{name: name, source: uc.Discovery, log: s.log, pool: balance.NewPool(policy), done: make(chan struct{})}
-		u.settings.Store(st)
+		u, err := newUpstream(name, uc.Discovery, uc, policy, s.log, s.tel)
+		if err != nil {
+			return nil, err
+		}
 		out[name] = u
 	}
 	return out, nil

@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -10,7 +11,9 @@ import (
 
 	"github.com/meshd/meshd/balance"
 	"github.com/meshd/meshd/discovery"
+	"github.com/meshd/meshd/resilience"
 	"github.com/meshd/meshd/sidecar/config"
+	"github.com/meshd/meshd/telemetry"
 )
 
 // upstream is one routable service: its live pool, its transport to the
@@ -21,7 +24,9 @@ type upstream struct {
 	source string // "static" or "consul"
 	log    *slog.Logger
 
-	pool *balance.Pool
+	pool  *balance.Pool
+	guard *resilience.Guard
+	tel   *telemetry.Provider
 	// settings holds everything a config reload may change at once.
 	settings atomic.Pointer[upstreamSettings]
 
@@ -46,11 +51,8 @@ type upstreamSettings struct {
 }
 
 func newTransport(u config.Upstream) *http.Transport {
-	connect := u.Timeouts.Connect
-	if connect == 0 {
-		connect = config.DefaultConnectTimeout
-	}
-	d := &net.Dialer{Timeout: connect, KeepAlive: 30 * time.Second}
+	rc := u.Resilience()
+	d := &net.Dialer{Timeout: rc.Timeouts.Connect, KeepAlive: 30 * time.Second}
 	t := &http.Transport{
 		Proxy:                 nil, // never honour HTTP_PROXY: we are the proxy
 		DialContext:           d.DialContext,
@@ -58,7 +60,7 @@ func newTransport(u config.Upstream) *http.Transport {
 		MaxIdleConnsPerHost:   u.MaxIdlePerInstance,
 		MaxConnsPerHost:       u.MaxConnsPerInstance,
 		IdleConnTimeout:       config.DefaultIdleConnTimeout,
-		ResponseHeaderTimeout: u.Timeouts.ResponseHeader,
+		ResponseHeaderTimeout: rc.Timeouts.ResponseHeader,
 		ExpectContinueTimeout: time.Second,
 		DisableCompression:    true, // pass bodies through untouched
 		WriteBufferSize:       32 << 10,
@@ -108,6 +110,7 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			if upd != nil {
 				before := len(u.pool.Load().Endpoints)
 				u.pool.Update(upd.Instances, upd.Reason)
+				metricsOf(u.tel).DiscoveryUpdate(u.name, src.Name(), len(upd.Instances))
 				first := !u.answered.Swap(true)
 				lvl := slog.LevelDebug
 				if first || before != len(upd.Instances) {
@@ -117,6 +120,7 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			}
 			prev := u.status.Load()
 			u.status.Store(&st)
+			metricsOf(u.tel).DiscoveryStale(u.name, st.Err != nil)
 			if st.Err != nil && (prev == nil || prev.Err == nil) {
 				u.log.Warn("discovery failing; routing to the last known instances", "upstream", u.name, "source", src.Name(), "err", st.Err, "instances", len(u.pool.Load().Endpoints))
 			} else if st.Err == nil && prev != nil && prev.Err != nil {
@@ -150,11 +154,37 @@ func inboundSettings() config.Upstream {
 	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost}
 }
 
+// newUpstream makes an upstream whose pool hands every new instance to a
+// circuit breaker of the upstream's guard.
+func newUpstream(name, source string, uc config.Upstream, policy balance.Policy, log *slog.Logger, tel *telemetry.Provider) (*upstream, error) {
+	u := &upstream{name: name, source: source, log: log, tel: tel, pool: balance.NewPool(policy), done: make(chan struct{})}
+	g, err := resilience.NewGuard(name, uc.Resilience(), log, func(id string, from, to balance.BreakerState) {
+		metricsOf(tel).BreakerTransition(name, id, from.String(), to.String())
+	})
+	if err != nil {
+		return nil, fmt.Errorf("upstream %q: %w", name, err)
+	}
+	u.guard = g
+	u.pool.OnNew = g.Attach
+	u.pool.OnRemove = g.Detach
+	u.settings.Store(&upstreamSettings{cfg: uc, algorithm: policy.Name(), transport: newTransport(uc)})
+	return u, nil
+}
+
 // transportKey is what decides whether a reload needs a new transport.
 func transportKey(u config.Upstream) [6]int64 {
 	h2c := int64(0)
 	if u.H2C {
 		h2c = 1
 	}
-	return [6]int64{int64(u.Timeouts.Connect), int64(u.Timeouts.ResponseHeader), int64(u.MaxIdlePerInstance), int64(u.MaxConnsPerInstance), h2c, 0}
+	rc := u.Resilience()
+	return [6]int64{int64(rc.Timeouts.Connect), int64(rc.Timeouts.ResponseHeader), int64(u.MaxIdlePerInstance), int64(u.MaxConnsPerInstance), h2c, 0}
+}
+
+// metricsOf returns p's metrics, nil (a valid no-op) when there is no provider.
+func metricsOf(p *telemetry.Provider) *telemetry.Metrics {
+	if p == nil {
+		return nil
+	}
+	return p.Metrics
 }

@@ -143,7 +143,21 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	slog.SetDefault(log)
 	log.Info("starting", "version", buildinfo.String(), "config", *file)
 
-	sc, err := sidecar.New(cfg, log)
+	tel, err := telemetry.Setup(context.Background(), cfg.TelemetryConfig(), log)
+	if err != nil {
+		log.Error("cannot start: telemetry", "err", err)
+		return 1
+	}
+	tel.SetGlobal()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := tel.Shutdown(ctx); err != nil {
+			log.Warn("telemetry: flushing spans on exit", "err", err)
+		}
+	}()
+
+	sc, err := sidecar.New(cfg, log, tel)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1

@@ -22,6 +22,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/telemetry"
 )
 
 // Defaults.
@@ -34,7 +35,6 @@ const (
 	DefaultMaxHeaderBytes  = 64 << 10
 	DefaultMaxIdlePerHost  = 256
 	DefaultIdleConnTimeout = 90 * time.Second
-	DefaultConnectTimeout  = 2 * time.Second
 )
 
 // Config is the whole file.
@@ -253,6 +253,7 @@ type Telemetry struct {
 	SampleRatio *float64          `yaml:"sample_ratio"`
 	Propagators []string          `yaml:"propagators"`
 	Metrics     string            `yaml:"metrics"` // prometheus (default) or none
+	RecordQuery bool              `yaml:"record_query"`
 }
 
 // Log configures logging.
@@ -412,6 +413,21 @@ func (c *Config) applyDefaults() {
 	}
 }
 
+// TelemetryConfig converts the telemetry section; unset keys stay empty so
+// that the OTEL_* variables apply.
+func (c *Config) TelemetryConfig() telemetry.Config {
+	t := c.Telemetry
+	tc := telemetry.Config{
+		ServiceName: t.ServiceName, Exporter: t.Traces, Endpoint: t.Endpoint, Protocol: t.Protocol,
+		Headers: t.Headers, SampleRatio: t.SampleRatio, Propagators: t.Propagators,
+		Metrics: t.Metrics != "none", RecordQuery: t.RecordQuery,
+	}
+	if t.Insecure != nil {
+		tc.Insecure = *t.Insecure
+	}
+	return tc
+}
+
 // XForwarded reports whether X-Forwarded-* headers are set.
 func (p Proxy) XForwardedOn() bool { return p.XForwarded == nil || *p.XForwarded }
 
@@ -524,7 +540,11 @@ func (c *Config) validate(d *decoder) {
 			at(p+".max_conns_per_instance", "must not be negative")
 		}
 		for _, e := range validateResilience(u) {
-			at(p+"."+e.key, "%s", e.msg)
+			key := p
+			if e.key != "" {
+				key += "." + e.key
+			}
+			at(key, "%s", e.msg)
 		}
 	}
 

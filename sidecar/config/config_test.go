@@ -102,8 +102,8 @@ func TestEveryValidationError(t *testing.T) {
 		{"int type", base + "proxy: {max_header_bytes: lots}\n", "proxy.max_header_bytes", "whole number", 4},
 		{"negative header bytes", base + "proxy: {max_header_bytes: -1}\n", "proxy.max_header_bytes", "negative", 4},
 		{"failure status range", base + "upstreams:\n  payments:\n    failure: {statuses: [503, 700]}\n", "upstreams.payments.failure.statuses[1]", "100-599", 6},
-		{"breaker ratio", base + "upstreams:\n  payments:\n    breaker: {failure_ratio: 1.5}\n", "upstreams.payments.breaker.failure_ratio", "0 to 1", 6},
-		{"retry attempts", base + "upstreams:\n  payments:\n    retry: {attempts: -1}\n", "upstreams.payments.retry.attempts", "negative", 6},
+		{"breaker ratio", base + "upstreams:\n  payments:\n    breaker: {failure_ratio: 1.5}\n", "upstreams.payments.breaker.failure_ratio", "must be in (0,1]", 6},
+		{"retry attempts", base + "upstreams:\n  payments:\n    retry: {attempts: -1}\n", "upstreams.payments.retry.attempts", "at least 1", 6},
 		{"upstream listen", base + "upstreams:\n  payments: {listen: 9191}\n", "upstreams.payments.listen", "host:port", 5},
 		{"service port", base + "service: {name: orders}\n", "service.port", "port is required", 4},
 		{"register without consul", base + "service: {name: orders, port: 8080, register: true}\n", "service.register", "discovery.consul", 4},
@@ -220,5 +220,41 @@ func TestOnDemandPatterns(t *testing.T) {
 	c, _ = parse(t, "discovery:\n  static: {a: [127.0.0.1:1]}\n")
 	if c.AllowedOnDemand("a") {
 		t.Fatal("on-demand discovery must be off without consul")
+	}
+}
+
+func TestResilienceKeysLayOverDefaults(t *testing.T) {
+	c, es := parse(t, `
+discovery: {static: {payments: [127.0.0.1:1]}}
+upstreams:
+  payments:
+    timeout: 3s
+    breaker: {consecutive_failures: 2, open_for: 100ms, max_ejection_percent: 0, fail_open: false}
+    retry: {attempts: 5, on: [connect-failure, "429"], budget_percent: 0}
+    timeouts: {connect: 50ms, per_try: 200ms}
+    failure: {statuses: [500, 503]}
+`)
+	if es != nil {
+		t.Fatal(es)
+	}
+	rc := c.Upstreams["payments"].Resilience()
+	if rc.Breaker.ConsecutiveFailures != 2 || rc.Breaker.OpenFor != 100*time.Millisecond || rc.Breaker.MaxEjectionPercent != 0 || rc.Breaker.FailOpen {
+		t.Errorf("breaker: have %+v", rc.Breaker)
+	}
+	if rc.Breaker.HalfOpenProbes != 1 || rc.Breaker.OpenMultiplier != 2 {
+		t.Errorf("breaker defaults lost: have %+v", rc.Breaker)
+	}
+	if rc.Retry.Attempts != 5 || len(rc.Retry.On) != 2 || rc.Retry.BudgetPercent != 0 || rc.Retry.BufferBody != 64<<10 {
+		t.Errorf("retry: have %+v", rc.Retry)
+	}
+	if rc.Timeouts.Request != 3*time.Second || rc.Timeouts.Connect != 50*time.Millisecond || rc.Timeouts.PerTry != 200*time.Millisecond || rc.Timeouts.Header != "X-Meshd-Timeout" {
+		t.Errorf("timeouts: have %+v", rc.Timeouts)
+	}
+	if len(rc.Failure.Statuses) != 2 {
+		t.Errorf("failure: have %+v", rc.Failure)
+	}
+	_, es = parse(t, "discovery: {static: {payments: [127.0.0.1:1]}}\nupstreams: {payments: {retry: {on: [sometimes]}}}\n")
+	if len(es) == 0 || !strings.Contains(es.Error(), "upstreams.payments.retry.on") {
+		t.Fatalf("unknown retry condition: want an error naming retry.on, have %v", es)
 	}
 }

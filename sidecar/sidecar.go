@@ -18,6 +18,7 @@ import (
 
 	"github.com/meshd/meshd/balance"
 	"github.com/meshd/meshd/discovery"
+	"github.com/meshd/meshd/discovery/consul"
 	"github.com/meshd/meshd/discovery/static"
 	"github.com/meshd/meshd/sidecar/config"
 	"github.com/meshd/meshd/telemetry"
@@ -32,6 +33,10 @@ type Sidecar struct {
 	cfg       atomic.Pointer[config.Config]
 	upstreams atomic.Pointer[map[string]*upstream]
 	catalog   *static.Catalog
+	consul    *consul.Source
+	consulCfg config.Consul
+	registrar *consul.Registrar
+	unknown   negCache
 	inbound   atomic.Pointer[upstream]
 
 	mu        sync.Mutex // serialises Start, Reload, Shutdown and on-demand adds
@@ -114,6 +119,14 @@ func (s *Sidecar) Start() error {
 		s.cancel()
 		return err
 	}
+	if err := s.startConsul(cfg); err != nil {
+		for _, l := range s.listeners {
+			l.ln.Close()
+		}
+		s.listeners = map[string]*listener{}
+		s.cancel()
+		return err
+	}
 	s.upstreams.Store(&ups)
 	for _, u := range ups {
 		s.startUpstream(u)
@@ -130,12 +143,12 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 	out := make(map[string]*upstream, len(cfg.Upstreams))
 	for _, name := range cfg.UpstreamNames() {
 		uc := cfg.Upstreams[name]
-		policy, err := balance.New(uc.Balance.BalanceConfig())
+		policy, err := newPolicy(uc)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: balance: %w", name, err)
 		}
 		st := &upstreamSettings{cfg: uc, algorithm: policy.Name()}
-		if prev, ok := old[name]; ok && prev.source == uc.Discovery && !prev.onDemand {
+		if prev, ok := old[name]; ok && prev.source == uc.Discovery && !prev.onDemand && consulKey(prev.settings.Load().cfg) == consulKey(uc) {
 			if err := prev.guard.Reconfigure(uc.Resilience()); err != nil {
 				return nil, fmt.Errorf("upstream %q: %w", name, err)
 			}
@@ -163,7 +176,19 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 }
 
 func (s *Sidecar) sourceFor(u *upstream) discovery.Source {
+	if u.source == "consul" && s.consul != nil {
+		return watchFor(s.consul, u.name, u.settings.Load().cfg)
+	}
 	return s.catalog
+}
+
+func newPolicy(uc config.Upstream) (balance.Policy, error) {
+	return balance.New(uc.Balance.BalanceConfig())
+}
+
+// consulKey is what decides whether a reload restarts an upstream's Consul watch.
+func consulKey(u config.Upstream) string {
+	return fmt.Sprintf("%q %q %q %q %v", u.Consul.Service, u.Consul.Tags, u.Consul.Datacenter, u.Consul.Filter, u.Consul.IncludeWarning)
 }
 
 func (s *Sidecar) startUpstream(u *upstream) {
@@ -298,6 +323,9 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 	if !s.started || s.draining.Load() {
 		return errors.New("sidecar: not running")
 	}
+	if err := s.checkConsulReload(cfg); err != nil {
+		return err
+	}
 	old := *s.upstreams.Load()
 	ups, err := s.buildUpstreams(cfg, old)
 	if err != nil {
@@ -339,6 +367,7 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		return nil
 	}
 	s.draining.Store(true)
+	s.deregister(ctx)
 	s.log.Info("draining", "listeners", len(s.listeners))
 	var wg sync.WaitGroup
 	var cut atomic.Bool

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -41,6 +42,9 @@ type upstream struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
+	// first is closed on the first discovery answer.
+	first     chan struct{}
+	firstOnce sync.Once
 }
 
 // upstreamSettings is the reloadable part of an upstream, swapped whole.
@@ -112,6 +116,7 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 				u.pool.Update(upd.Instances, upd.Reason)
 				metricsOf(u.tel).DiscoveryUpdate(u.name, src.Name(), len(upd.Instances))
 				first := !u.answered.Swap(true)
+				u.firstOnce.Do(func() { close(u.first) })
 				lvl := slog.LevelDebug
 				if first || before != len(upd.Instances) {
 					lvl = slog.LevelInfo
@@ -157,7 +162,7 @@ func inboundSettings() config.Upstream {
 // newUpstream makes an upstream whose pool hands every new instance to a
 // circuit breaker of the upstream's guard.
 func newUpstream(name, source string, uc config.Upstream, policy balance.Policy, log *slog.Logger, tel *telemetry.Provider) (*upstream, error) {
-	u := &upstream{name: name, source: source, log: log, tel: tel, pool: balance.NewPool(policy), done: make(chan struct{})}
+	u := &upstream{name: name, source: source, log: log, tel: tel, pool: balance.NewPool(policy), done: make(chan struct{}), first: make(chan struct{})}
 	g, err := resilience.NewGuard(name, uc.Resilience(), log, func(id string, from, to balance.BreakerState) {
 		metricsOf(tel).BreakerTransition(name, id, from.String(), to.String())
 	})

@@ -428,6 +428,11 @@ func (c *Config) TelemetryConfig() telemetry.Config {
 	return tc
 }
 
+// DefaultUpstream is an upstream with every default, for names discovered on demand.
+func DefaultUpstream(source string) Upstream {
+	return Upstream{Discovery: source, MaxIdlePerInstance: DefaultMaxIdlePerHost}
+}
+
 // XForwarded reports whether X-Forwarded-* headers are set.
 func (p Proxy) XForwardedOn() bool { return p.XForwarded == nil || *p.XForwarded }
 

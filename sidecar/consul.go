@@ -22,6 +22,7 @@ func consulClientConfig(c *config.Consul, s *Sidecar) consul.Config {
 		Token: c.Token, TokenFile: c.TokenFile,
 		TLS:      consul.TLSConfig{CAFile: c.CAFile, CertFile: c.CertFile, KeyFile: c.KeyFile},
 		WaitTime: c.WaitTime, AllowStale: c.AllowStale, Logger: s.log,
+		BackoffBase: c.BackoffBase, BackoffMax: c.BackoffMax,
 	}
 }
 

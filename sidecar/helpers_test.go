@@ -47,7 +47,7 @@ func start(t testing.TB, yaml string) *Sidecar {
 	if !strings.Contains(yaml, "listen:") {
 		yaml = "listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}\n" + yaml
 	}
-	cfg, err := config.Parse("test.yaml", []byte(yaml))
+	cfg, err := parseConfig(yaml)
 	if err != nil {
 		t.Fatalf("config:\n%v", err)
 	}
@@ -111,4 +111,11 @@ func readAll(t testing.TB, resp *http.Response) string {
 
 func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), d)
+}
+
+func parseConfig(yaml string) (*config.Config, error) {
+	if !strings.Contains(yaml, "listen:") {
+		yaml = "listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}\n" + yaml
+	}
+	return config.Parse("test.yaml", []byte(yaml))
 }

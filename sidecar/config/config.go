@@ -117,6 +117,10 @@ type Consul struct {
 	KeyFile    string        `yaml:"key_file"`
 	WaitTime   time.Duration `yaml:"wait_time"`
 	AllowStale *bool         `yaml:"allow_stale"`
+	// BackoffBase and BackoffMax bound the wait between failed queries
+	// (exponential with jitter); defaults 250ms and 30s.
+	BackoffBase time.Duration `yaml:"backoff_base"`
+	BackoffMax  time.Duration `yaml:"backoff_max"`
 }
 
 // StaticEntry is one instance in the static catalog: either "host:port" or

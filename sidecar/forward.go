@@ -203,7 +203,8 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			ex.fail(status, o.Kind(), "upstream "+quote(u.name)+" instance "+lastErr.Error())
 			return
 		}
-		ep.ObserveLatency(time.Since(t0), latencyAlpha)
+		now := time.Now()
+		ep.ObserveLatencyAt(now.Sub(t0), now.UnixNano(), balance.DecayOf(snap.Policy))
 		o := g.Classify(r.Context(), nil, resp.StatusCode)
 		if o.Failure() && resp.StatusCode != http.StatusSwitchingProtocols {
 			// A failing status: retry it if the policy allows, on a body
@@ -239,9 +240,6 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		return
 	}
 }
-
-// latencyAlpha weighs each new response time in the instance's average.
-const latencyAlpha = 0.3
 
 // exchange is the state of one forwarded request across its tries.
 type exchange struct {

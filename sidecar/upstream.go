@@ -14,6 +14,7 @@ import (
 	"github.com/meshd/meshd/discovery"
 	"github.com/meshd/meshd/resilience"
 	"github.com/meshd/meshd/sidecar/config"
+	"github.com/meshd/meshd/sidecar/h1"
 	"github.com/meshd/meshd/telemetry"
 )
 
@@ -51,10 +52,46 @@ type upstream struct {
 type upstreamSettings struct {
 	cfg       config.Upstream
 	algorithm string
-	transport *http.Transport
+	transport *upstreamTransport
 }
 
-func newTransport(u config.Upstream) *http.Transport {
+// upstreamTransport sends plain HTTP/1.1 exchanges with meshd's synchronous
+// client and everything else (upgrades, trailers, h2c, Expect) with net/http.
+type upstreamTransport struct {
+	fast *h1.Transport // nil for h2c upstreams and connection-capped ones
+	std  *http.Transport
+}
+
+func (t *upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if t.fast != nil && h1.Supports(r) {
+		return t.fast.RoundTrip(r)
+	}
+	return t.std.RoundTrip(r)
+}
+
+func (t *upstreamTransport) CloseIdleConnections() {
+	if t.fast != nil {
+		t.fast.CloseIdleConnections()
+	}
+	t.std.CloseIdleConnections()
+}
+
+func newTransport(u config.Upstream) *upstreamTransport {
+	std := newStdTransport(u)
+	t := &upstreamTransport{std: std}
+	if !u.H2C && u.MaxConnsPerInstance == 0 {
+		rc := u.Resilience()
+		t.fast = h1.New(h1.Options{
+			Dial:                  std.DialContext,
+			MaxIdlePerHost:        u.MaxIdlePerInstance,
+			IdleTimeout:           config.DefaultIdleConnTimeout,
+			ResponseHeaderTimeout: rc.Timeouts.ResponseHeader,
+		})
+	}
+	return t
+}
+
+func newStdTransport(u config.Upstream) *http.Transport {
 	rc := u.Resilience()
 	d := &net.Dialer{Timeout: rc.Timeouts.Connect, KeepAlive: 30 * time.Second}
 	t := &http.Transport{

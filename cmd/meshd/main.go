@@ -196,8 +196,3 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 	log.Info("stopped", "after", time.Since(start).Round(time.Millisecond))
 	return 0
 }
-
-func cmdLab(args []string, stdout, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "meshd lab: not built into this binary yet")
-	return 1
-}

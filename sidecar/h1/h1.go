@@ -1,0 +1,709 @@
+// Package h1 is meshd's HTTP/1.1 client to upstream instances: a
+// RoundTripper that writes the request and reads the response on the
+// caller's goroutine over pooled keep-alive connections.
+//
+// net/http's Transport runs two goroutines per connection and hands every
+// request to them over channels; for a proxy that waits on each answer
+// anyway, those hand-offs cost more than the work itself. This client does
+// the same exchange synchronously. It handles what a forwarded request needs
+// (fixed-length and chunked bodies both ways, keep-alive, Connection: close,
+// HEAD/204/304, cancellation, deadlines, retrying a request that met a
+// connection the instance had already closed) and nothing else: upgrades,
+// HTTP/2 and trailers are left to net/http by the caller.
+package h1
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/textproto"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Transport is a pool of keep-alive connections per address. Safe for
+// concurrent use; the zero value is not usable, use New.
+type Transport struct {
+	// Dial opens a connection (a *net.Dialer's DialContext).
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// MaxIdlePerHost bounds pooled idle connections per address.
+	maxIdle int
+	// IdleTimeout closes pooled connections unused for this long.
+	idleTimeout time.Duration
+	// ResponseHeaderTimeout bounds the wait for the response head; 0 = none.
+	headerTimeout time.Duration
+
+	mu     sync.Mutex
+	pools  map[string]*pool
+	closed bool
+}
+
+// Options configure a Transport.
+type Options struct {
+	Dial                  func(ctx context.Context, network, addr string) (net.Conn, error)
+	MaxIdlePerHost        int           // default 64
+	IdleTimeout           time.Duration // default 90s
+	ResponseHeaderTimeout time.Duration // default none
+}
+
+// New returns a Transport.
+func New(o Options) *Transport {
+	if o.Dial == nil {
+		o.Dial = (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext
+	}
+	if o.MaxIdlePerHost <= 0 {
+		o.MaxIdlePerHost = 64
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 90 * time.Second
+	}
+	return &Transport{dial: o.Dial, maxIdle: o.MaxIdlePerHost, idleTimeout: o.IdleTimeout, headerTimeout: o.ResponseHeaderTimeout, pools: map[string]*pool{}}
+}
+
+// pool is the idle connections of one address, newest last.
+type pool struct {
+	mu   sync.Mutex
+	idle []*conn
+}
+
+type conn struct {
+	nc       net.Conn
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	idleAt   time.Time
+	reused   bool
+	broken   atomic.Bool
+	hdrBuf   []byte
+	t        *Transport
+	addr     string
+	stopCtx  func() bool
+	canceled atomic.Bool
+	ctx      context.Context
+}
+
+var (
+	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 16<<10) }}
+	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 16<<10) }}
+)
+
+func (t *Transport) poolFor(addr string) *pool {
+	t.mu.Lock()
+	p := t.pools[addr]
+	if p == nil {
+		p = &pool{}
+		t.pools[addr] = p
+	}
+	t.mu.Unlock()
+	return p
+}
+
+// get returns an idle connection to addr, or nil.
+func (t *Transport) get(addr string) *conn {
+	p := t.poolFor(addr)
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for n := len(p.idle); n > 0; n = len(p.idle) {
+		c := p.idle[n-1]
+		p.idle[n-1] = nil
+		p.idle = p.idle[:n-1]
+		if now.Sub(c.idleAt) > t.idleTimeout {
+			c.close()
+			continue
+		}
+		c.reused = true
+		return c
+	}
+	return nil
+}
+
+// put returns a healthy connection to its pool.
+func (t *Transport) put(c *conn) {
+	if c.broken.Load() {
+		c.close()
+		return
+	}
+	t.mu.Lock()
+	closed := t.closed
+	t.mu.Unlock()
+	if closed {
+		c.close()
+		return
+	}
+	c.idleAt = time.Now()
+	p := t.poolFor(c.addr)
+	p.mu.Lock()
+	if len(p.idle) >= t.maxIdle {
+		p.mu.Unlock()
+		c.close()
+		return
+	}
+	p.idle = append(p.idle, c)
+	p.mu.Unlock()
+}
+
+// CloseIdleConnections closes every pooled connection; in-flight ones are
+// closed when their exchange ends.
+func (t *Transport) CloseIdleConnections() {
+	t.mu.Lock()
+	pools := t.pools
+	t.pools = map[string]*pool{}
+	t.mu.Unlock()
+	for _, p := range pools {
+		p.mu.Lock()
+		for _, c := range p.idle {
+			c.close()
+		}
+		p.idle = nil
+		p.mu.Unlock()
+	}
+}
+
+func (c *conn) close() {
+	c.nc.Close()
+	if c.br != nil {
+		c.br.Reset(nil)
+		readers.Put(c.br)
+		c.br = nil
+	}
+	if c.bw != nil {
+		c.bw.Reset(nil)
+		writers.Put(c.bw)
+		c.bw = nil
+	}
+}
+
+func (t *Transport) dialConn(ctx context.Context, addr string) (*conn, error) {
+	nc, err := t.dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	br := readers.Get().(*bufio.Reader)
+	br.Reset(nc)
+	bw := writers.Get().(*bufio.Writer)
+	bw.Reset(nc)
+	return &conn{nc: nc, br: br, bw: bw, t: t, addr: addr}, nil
+}
+
+// ErrUnsupported is returned for requests this client does not handle; the
+// caller sends them with net/http instead.
+var ErrUnsupported = errors.New("h1: request needs net/http")
+
+// Supports reports whether RoundTrip can send req.
+func Supports(req *http.Request) bool {
+	if req.URL.Scheme != "http" || req.Method == http.MethodConnect {
+		return false
+	}
+	h := req.Header
+	if _, ok := h["Upgrade"]; ok {
+		return false
+	}
+	if _, ok := h["Expect"]; ok {
+		return false
+	}
+	if _, ok := h["Te"]; ok {
+		return false
+	}
+	return len(req.Trailer) == 0
+}
+
+// RoundTrip sends req and returns the response; its Body must be read to
+// EOF or closed, which returns the connection to the pool. A request that
+// meets a pooled connection the instance had closed is sent again on a new
+// connection when it can be (no body, or GetBody).
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if !Supports(req) {
+		return nil, ErrUnsupported
+	}
+	ctx := req.Context()
+	addr := req.URL.Host
+	for try := 0; ; try++ {
+		c := t.get(addr)
+		if c == nil {
+			var err error
+			if c, err = t.dialConn(ctx, addr); err != nil {
+				return nil, err
+			}
+		}
+		resp, err := c.roundTrip(req)
+		if err == nil {
+			return resp, nil
+		}
+		if c.reused && try < 2 && errors.Is(err, errStale) && ctx.Err() == nil {
+			if req.Body == nil || req.Body == http.NoBody {
+				continue
+			}
+			if req.GetBody != nil {
+				body, gerr := req.GetBody()
+				if gerr == nil {
+					r2 := *req
+					r2.Body = body
+					req = &r2
+					continue
+				}
+			}
+		}
+		return nil, err
+	}
+}
+
+// errStale marks a pooled connection the instance closed before answering.
+// It wraps io.ErrUnexpectedEOF so that callers see a reset.
+var errStale = fmt.Errorf("h1: connection closed by the instance before it answered: %w", io.ErrUnexpectedEOF)
+
+func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
+	ctx := req.Context()
+	if err := ctx.Err(); err != nil {
+		c.close()
+		return nil, err
+	}
+	c.ctx = ctx
+	deadline, hasDeadline := ctx.Deadline()
+	if hasDeadline {
+		c.nc.SetDeadline(deadline)
+	} else {
+		c.nc.SetDeadline(time.Time{})
+	}
+	if ctx.Done() != nil {
+		c.stopCtx = context.AfterFunc(ctx, func() {
+			c.canceled.Store(true)
+			c.nc.SetDeadline(aLongTimeAgo)
+		})
+	}
+	fail := func(e error) (*http.Response, error) {
+		c.release()
+		c.close()
+		if c.canceled.Load() {
+			if cerr := ctx.Err(); cerr != nil {
+				return nil, cerr
+			}
+		}
+		if ne, ok := e.(net.Error); ok && ne.Timeout() && hasDeadline && !time.Now().Before(deadline) {
+			return nil, context.DeadlineExceeded
+		}
+		return nil, e
+	}
+	if err := c.writeRequest(req); err != nil {
+		if c.reused && isClosedErr(err) {
+			return fail(errStale)
+		}
+		return fail(err)
+	}
+	if c.t.headerTimeout > 0 && (!hasDeadline || time.Until(deadline) > c.t.headerTimeout) {
+		c.nc.SetReadDeadline(time.Now().Add(c.t.headerTimeout))
+	}
+	resp, err = c.readResponse(req)
+	if err != nil {
+		if c.reused && errors.Is(err, errNothingRead) {
+			return fail(errStale)
+		}
+		if errors.Is(err, errNothingRead) {
+			err = io.ErrUnexpectedEOF
+		}
+		return fail(err)
+	}
+	if c.t.headerTimeout > 0 {
+		if hasDeadline {
+			c.nc.SetReadDeadline(deadline)
+		} else {
+			c.nc.SetReadDeadline(time.Time{})
+		}
+	}
+	return resp, nil
+}
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+func (c *conn) release() {
+	if c.stopCtx != nil {
+		c.stopCtx()
+		c.stopCtx = nil
+	}
+}
+
+func isClosedErr(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "connection reset") || strings.Contains(err.Error(), "broken pipe")
+}
+
+func (c *conn) writeRequest(req *http.Request) error {
+	bw := c.bw
+	bw.WriteString(req.Method)
+	bw.WriteByte(' ')
+	if req.URL.Opaque != "" {
+		bw.WriteString(req.URL.Opaque)
+	} else {
+		path := req.URL.EscapedPath()
+		if path == "" {
+			path = "/"
+		}
+		bw.WriteString(path)
+		if req.URL.RawQuery != "" || req.URL.ForceQuery {
+			bw.WriteByte('?')
+			bw.WriteString(req.URL.RawQuery)
+		}
+	}
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	bw.WriteString(host)
+	bw.WriteString("\r\n")
+	for k, vv := range req.Header {
+		if k == "Host" || k == "Content-Length" || k == "Transfer-Encoding" || k == "Connection" {
+			continue
+		}
+		for _, v := range vv {
+			if !validHeaderValue(v) {
+				return fmt.Errorf("h1: invalid value for header %q", k)
+			}
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	body := req.Body
+	if body == http.NoBody {
+		body = nil
+	}
+	chunked := false
+	switch {
+	case body == nil:
+		if req.Method == http.MethodPost || req.Method == http.MethodPut || req.Method == http.MethodPatch {
+			bw.WriteString("Content-Length: 0\r\n")
+		}
+	case req.ContentLength > 0:
+		bw.WriteString("Content-Length: ")
+		c.hdrBuf = strconv.AppendInt(c.hdrBuf[:0], req.ContentLength, 10)
+		bw.Write(c.hdrBuf)
+		bw.WriteString("\r\n")
+	default:
+		chunked = true
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	bw.WriteString("\r\n")
+	if body == nil {
+		return bw.Flush()
+	}
+	defer body.Close()
+	var err error
+	if chunked {
+		cw := httputil.NewChunkedWriter(bw)
+		_, err = io.Copy(cw, body)
+		if err == nil {
+			err = cw.Close()
+		}
+		if err == nil {
+			_, err = bw.WriteString("\r\n")
+		}
+	} else {
+		var n int64
+		n, err = io.Copy(bw, io.LimitReader(body, req.ContentLength))
+		if err == nil && n != req.ContentLength {
+			err = fmt.Errorf("h1: request body is %d bytes, Content-Length said %d", n, req.ContentLength)
+		}
+	}
+	if err != nil {
+		c.broken.Store(true)
+		return &bodyError{err}
+	}
+	return bw.Flush()
+}
+
+// bodyError is a failure while sending the request body (the instance may
+// have seen part of the request).
+type bodyError struct{ err error }
+
+func (e *bodyError) Error() string { return "h1: writing the request body: " + e.err.Error() }
+func (e *bodyError) Unwrap() error { return e.err }
+
+func validHeaderValue(v string) bool {
+	for i := 0; i < len(v); i++ {
+		if b := v[i]; b == '\r' || b == '\n' || b == 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *conn) readResponse(req *http.Request) (*http.Response, error) {
+	for {
+		resp, err := c.readHead(req)
+		if err != nil {
+			return nil, err
+		}
+		// Interim answers (100 Continue, 103 Early Hints) are skipped.
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			continue
+		}
+		return resp, c.attachBody(req, resp)
+	}
+}
+
+// errNothingRead is a connection that ended before any byte of the response.
+var errNothingRead = errors.New("h1: connection ended before the response began")
+
+func (c *conn) readHead(req *http.Request) (*http.Response, error) {
+	line, err := c.readLine()
+	if err != nil {
+		if errors.Is(err, io.EOF) || isClosedErr(err) && !errors.Is(err, io.ErrUnexpectedEOF) {
+			if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
+				return nil, errNothingRead
+			}
+		}
+		return nil, err
+	}
+	// HTTP/1.1 200 OK
+	if len(line) < 12 || line[:5] != "HTTP/" || line[8] != ' ' {
+		c.broken.Store(true)
+		return nil, fmt.Errorf("h1: malformed status line %q", truncate(line))
+	}
+	code, err := strconv.Atoi(line[9:12])
+	if err != nil || code < 100 || code > 999 {
+		c.broken.Store(true)
+		return nil, fmt.Errorf("h1: malformed status code in %q", truncate(line))
+	}
+	resp := &http.Response{
+		Status:     line[9:],
+		StatusCode: code,
+		Proto:      line[:8],
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     make(http.Header, 8),
+		Request:    req,
+	}
+	if line[:8] == "HTTP/1.0" {
+		resp.ProtoMinor = 0
+	}
+	for {
+		l, err := c.readLine()
+		if err != nil {
+			return nil, err
+		}
+		if l == "" {
+			break
+		}
+		k, v, ok := strings.Cut(l, ":")
+		if !ok || k == "" {
+			c.broken.Store(true)
+			return nil, fmt.Errorf("h1: malformed header line %q", truncate(l))
+		}
+		k = textproto.CanonicalMIMEHeaderKey(k)
+		v = strings.TrimSpace(v)
+		resp.Header[k] = append(resp.Header[k], v)
+	}
+	return resp, nil
+}
+
+func truncate(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "..."
+	}
+	return s
+}
+
+// readLine reads one CRLF-terminated line without the terminator.
+func (c *conn) readLine() (string, error) {
+	line, err := c.br.ReadSlice('\n')
+	if err == bufio.ErrBufferFull {
+		c.broken.Store(true)
+		return "", errors.New("h1: response header line too long")
+	}
+	if err != nil {
+		if err == io.EOF && len(line) > 0 {
+			err = io.ErrUnexpectedEOF
+		}
+		return "", err
+	}
+	n := len(line) - 1
+	if n > 0 && line[n-1] == '\r' {
+		n--
+	}
+	return string(line[:n]), nil
+}
+
+// attachBody frames the response body and decides whether the connection
+// can be reused once it is read.
+func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
+	reuse := resp.ProtoMinor == 1
+	for _, v := range resp.Header["Connection"] {
+		for _, tok := range strings.Split(v, ",") {
+			switch strings.ToLower(strings.TrimSpace(tok)) {
+			case "close":
+				reuse = false
+			case "keep-alive":
+				if resp.ProtoMinor == 0 {
+					reuse = true
+				}
+			}
+		}
+	}
+	if resp.ProtoMinor == 0 && reuse {
+		// HTTP/1.0 keep-alive needs a length to frame the body.
+		_, hasLen := resp.Header["Content-Length"]
+		reuse = hasLen
+	}
+	resp.Close = !reuse
+	noBody := req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
+	te := resp.Header["Transfer-Encoding"]
+	var r io.Reader
+	switch {
+	case noBody:
+		resp.ContentLength = 0
+		if cl := resp.Header.Get("Content-Length"); cl != "" && req.Method == http.MethodHead {
+			resp.ContentLength, _ = strconv.ParseInt(cl, 10, 64)
+		}
+		resp.Body = http.NoBody
+		c.finish(reuse)
+		return nil
+	case len(te) > 0:
+		if !strings.EqualFold(te[len(te)-1], "chunked") {
+			reuse = false
+			resp.Close = true
+			r = c.br
+		} else {
+			r = httputil.NewChunkedReader(c.br)
+		}
+		delete(resp.Header, "Transfer-Encoding")
+		resp.TransferEncoding = []string{"chunked"}
+		resp.ContentLength = -1
+	default:
+		cl := resp.Header.Get("Content-Length")
+		if cl == "" {
+			reuse = false
+			resp.Close = true
+			resp.ContentLength = -1
+			r = c.br
+			break
+		}
+		n, err := strconv.ParseInt(cl, 10, 64)
+		if err != nil || n < 0 {
+			c.broken.Store(true)
+			return fmt.Errorf("h1: bad Content-Length %q", cl)
+		}
+		resp.ContentLength = n
+		if n == 0 {
+			resp.Body = http.NoBody
+			c.finish(reuse)
+			return nil
+		}
+		r = io.LimitReader(c.br, n)
+	}
+	resp.Body = &body{c: c, r: r, reuse: reuse, want: resp.ContentLength, chunked: resp.TransferEncoding != nil && reuse}
+	return nil
+}
+
+// finish ends an exchange: the connection goes back to the pool or is closed.
+func (c *conn) finish(reuse bool) {
+	c.release()
+	if !reuse || c.canceled.Load() || c.broken.Load() {
+		c.close()
+		return
+	}
+	c.reused = false
+	c.ctx = nil
+	c.t.put(c)
+}
+
+// body is a response body; reading it to the end returns the connection.
+type body struct {
+	c     *conn
+	r     io.Reader
+	reuse bool
+	want  int64
+	got   int64
+	done  bool
+	mu    sync.Mutex
+	// chunked bodies end with a trailer section to consume before reuse.
+	chunked bool
+}
+
+func (b *body) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.done {
+		return 0, io.EOF
+	}
+	n, err := b.r.Read(p)
+	b.got += int64(n)
+	if err == io.EOF && b.chunked {
+		// The chunked reader stops at the last chunk; the trailer section
+		// (usually just CRLF) must be read before the connection is reused.
+		for {
+			l, lerr := b.c.readLine()
+			if lerr != nil {
+				b.c.broken.Store(true)
+				b.end(false)
+				return n, io.ErrUnexpectedEOF
+			}
+			if l == "" {
+				break
+			}
+		}
+	}
+	if err == io.EOF {
+		if b.want > 0 && b.got < b.want {
+			err = io.ErrUnexpectedEOF
+			b.c.broken.Store(true)
+			b.end(false)
+			return n, err
+		}
+		b.end(b.reuse)
+		return n, io.EOF
+	}
+	if err != nil {
+		if b.c.canceled.Load() {
+			if cerr := b.c.ctxErr(); cerr != nil {
+				err = cerr
+			}
+		}
+		b.c.broken.Store(true)
+		b.end(false)
+		return n, err
+	}
+	if b.want > 0 && b.got == b.want {
+		// Fixed length fully read: the connection is free now.
+		b.end(b.reuse)
+		if n > 0 {
+			return n, nil
+		}
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+func (c *conn) ctxErr() error {
+	if c.ctx == nil {
+		return nil
+	}
+	return c.ctx.Err()
+}
+
+func (b *body) end(reuse bool) {
+	if b.done {
+		return
+	}
+	b.done = true
+	b.c.finish(reuse)
+}
+
+// Close discards an unread body (closing the connection rather than reading
+// more than a little of it).
+func (b *body) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.done {
+		return nil
+	}
+	b.end(false)
+	return nil
+}

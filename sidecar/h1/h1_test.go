@@ -1,0 +1,358 @@
+package h1
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// countingServer is a real loopback server that counts connections.
+func countingServer(t *testing.T, h http.HandlerFunc) (*httptest.Server, *atomic.Int64) {
+	t.Helper()
+	var conns atomic.Int64
+	srv := httptest.NewUnstartedServer(h)
+	srv.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	return srv, &conns
+}
+
+func get(t *testing.T, tr *Transport, url string) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("GET %s body: %v", url, err)
+	}
+	return resp, string(b)
+}
+
+func TestKeepAliveReusesOneConnection(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "hello %s %s", r.Method, r.URL.RequestURI())
+	})
+	tr := New(Options{})
+	for i := 0; i < 50; i++ {
+		resp, body := get(t, tr, srv.URL+fmt.Sprintf("/p?i=%d", i))
+		if resp.StatusCode != 200 || body != fmt.Sprintf("hello GET /p?i=%d", i) {
+			t.Fatalf("request %d: have %d %q", i, resp.StatusCode, body)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("50 sequential requests used %d connections, want 1", n)
+	}
+}
+
+func TestChunkedBothWaysAndHeaders(t *testing.T) {
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Header().Set("X-Got", fmt.Sprintf("%d %v %s", len(b), r.TransferEncoding, r.Header.Get("X-In")))
+		w.Header()["X-Multi"] = []string{"a", "b"}
+		for i := 0; i < 3; i++ {
+			fmt.Fprintf(w, "part%d;", i)
+			w.(http.Flusher).Flush()
+		}
+	})
+	tr := New(Options{})
+	req, _ := http.NewRequest("POST", srv.URL+"/up", io.NopCloser(strings.NewReader(strings.Repeat("z", 70000))))
+	req.ContentLength = -1
+	req.Header.Set("X-In", "yes")
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "part0;part1;part2;" || resp.ContentLength != -1 {
+		t.Fatalf("chunked response: have %q (length %d)", b, resp.ContentLength)
+	}
+	if got := resp.Header.Get("X-Got"); got != "70000 [chunked] yes" {
+		t.Fatalf("server saw %q", got)
+	}
+	if v := resp.Header["X-Multi"]; len(v) != 2 {
+		t.Fatalf("repeated header: have %v", v)
+	}
+	// The connection is reusable after a chunked exchange.
+	if resp, body := get(t, tr, srv.URL+"/again"); resp.StatusCode != 200 || !strings.HasPrefix(body, "part0") {
+		t.Fatalf("after chunked: %d %q", resp.StatusCode, body)
+	}
+}
+
+func TestBodilessResponses(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/204":
+			w.WriteHeader(204)
+		case "/304":
+			w.WriteHeader(304)
+		default:
+			w.Header().Set("Content-Length", "5")
+			if r.Method != "HEAD" {
+				io.WriteString(w, "hello")
+			}
+		}
+	})
+	tr := New(Options{})
+	for _, c := range []struct{ method, path string }{{"HEAD", "/x"}, {"GET", "/204"}, {"GET", "/304"}, {"GET", "/x"}} {
+		req, _ := http.NewRequest(c.method, srv.URL+c.path, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatalf("%s %s: %v", c.method, c.path, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if c.method == "HEAD" && (len(b) != 0 || resp.ContentLength != 5) {
+			t.Fatalf("HEAD: body %q, length %d", b, resp.ContentLength)
+		}
+		if c.path == "/x" && c.method == "GET" && string(b) != "hello" {
+			t.Fatalf("GET after bodiless answers: %q (framing lost)", b)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("bodiless answers broke keep-alive: %d connections", n)
+	}
+}
+
+func TestConnectionCloseIsHonoured(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Connection", "close")
+		io.WriteString(w, "bye")
+	})
+	tr := New(Options{})
+	for i := 0; i < 3; i++ {
+		if _, body := get(t, tr, srv.URL); body != "bye" {
+			t.Fatalf("have %q", body)
+		}
+	}
+	if n := conns.Load(); n != 3 {
+		t.Fatalf("Connection: close answers: want 3 connections, have %d", n)
+	}
+}
+
+// A pooled connection the instance closed is detected and the request sent
+// again on a new one, for bodiless and replayable requests alike.
+func TestStalePooledConnectionIsRetried(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var accepted atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			go func(c net.Conn) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				b, _ := io.ReadAll(req.Body)
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(b)+2, "ok"+string(b))
+				// Then close: the client's pooled connection is now stale.
+			}(c)
+		}
+	}()
+	tr := New(Options{})
+	url := "http://" + ln.Addr().String()
+	if _, body := get(t, tr, url); body != "ok" {
+		t.Fatalf("first: %q", body)
+	}
+	// Give the server's close time to arrive is not needed: the retry path
+	// covers both orders. Second request: stale connection → retried.
+	if _, body := get(t, tr, url); body != "ok" {
+		t.Fatalf("second: %q", body)
+	}
+	req, _ := http.NewRequest("POST", url, strings.NewReader("data"))
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("data")), nil }
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("POST over a stale connection: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "okdata" {
+		t.Fatalf("POST: have %q", b)
+	}
+	if accepted.Load() != 3 {
+		t.Fatalf("want 3 connections (one per request), have %d", accepted.Load())
+	}
+}
+
+func TestCancellationAndDeadlines(t *testing.T) {
+	release := make(chan struct{})
+	var once sync.Once
+	t.Cleanup(func() { once.Do(func() { close(release) }) })
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slowbody" {
+			w.Header().Set("Content-Length", "10")
+			io.WriteString(w, "12345")
+			w.(http.Flusher).Flush()
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	tr := New(Options{})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL+"/hang", nil)
+	began := time.Now()
+	_, err := tr.RoundTrip(req)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("deadline: want DeadlineExceeded, have %v", err)
+	}
+	if d := time.Since(began); d > 2*time.Second {
+		t.Fatalf("deadline honoured only after %v", d)
+	}
+
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	req, _ = http.NewRequestWithContext(ctx2, "GET", srv.URL+"/slowbody", nil)
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, buf); err != nil {
+		t.Fatal(err)
+	}
+	cancel2()
+	_, err = io.ReadAll(resp.Body)
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancel mid-body: want context.Canceled, have %v", err)
+	}
+
+	h := New(Options{ResponseHeaderTimeout: 100 * time.Millisecond})
+	req, _ = http.NewRequest("GET", srv.URL+"/hang", nil)
+	_, err = h.RoundTrip(req)
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("response header timeout: want a timeout error, have %v", err)
+	}
+}
+
+func TestErrorsLookLikeNetHTTPs(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	tr := New(Options{})
+	req, _ := http.NewRequest("GET", "http://"+addr, nil)
+	_, err := tr.RoundTrip(req)
+	var op *net.OpError
+	if !errors.As(err, &op) || op.Op != "dial" {
+		t.Fatalf("refused: want a dial *net.OpError, have %T %v", err, err)
+	}
+
+	// Garbage instead of HTTP, and a reset before any byte.
+	ln2, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln2.Close()
+	go func() {
+		for i := 0; ; i++ {
+			c, err := ln2.Accept()
+			if err != nil {
+				return
+			}
+			bufio.NewReader(c).ReadString('\n')
+			if i == 0 {
+				io.WriteString(c, "SMTP ready\r\n\r\n")
+				c.Close()
+			} else {
+				c.(*net.TCPConn).SetLinger(0)
+				c.Close()
+			}
+		}
+	}()
+	req, _ = http.NewRequest("GET", "http://"+ln2.Addr().String(), nil)
+	if _, err := tr.RoundTrip(req); err == nil || !strings.Contains(err.Error(), "malformed status line") {
+		t.Fatalf("garbage: want a malformed status line error, have %v", err)
+	}
+	req, _ = http.NewRequest("GET", "http://"+ln2.Addr().String(), nil)
+	if _, err := tr.RoundTrip(req); !errors.Is(err, io.ErrUnexpectedEOF) && !strings.Contains(fmt.Sprint(err), "reset") {
+		t.Fatalf("reset: want an unexpected EOF or reset, have %v", err)
+	}
+}
+
+func TestSupports(t *testing.T) {
+	mk := func(method string, h map[string]string) *http.Request {
+		r, _ := http.NewRequest(method, "http://x/", nil)
+		for k, v := range h {
+			r.Header.Set(k, v)
+		}
+		return r
+	}
+	if !Supports(mk("GET", nil)) || !Supports(mk("POST", nil)) {
+		t.Fatal("plain requests must be supported")
+	}
+	for name, r := range map[string]*http.Request{
+		"upgrade": mk("GET", map[string]string{"Upgrade": "websocket"}),
+		"expect":  mk("POST", map[string]string{"Expect": "100-continue"}),
+		"te":      mk("POST", map[string]string{"Te": "trailers"}),
+		"connect": mk("CONNECT", nil),
+	} {
+		if Supports(r) {
+			t.Errorf("%s must be left to net/http", name)
+		}
+	}
+}
+
+func TestConcurrentUseUnderRace(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.Path) })
+	tr := New(Options{MaxIdlePerHost: 4})
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 100; i++ {
+				p := fmt.Sprintf("/%d/%d", g, i)
+				req, _ := http.NewRequest("GET", srv.URL+p, nil)
+				resp, err := tr.RoundTrip(req)
+				if err != nil {
+					errs <- err
+					return
+				}
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if string(b) != p {
+					errs <- fmt.Errorf("want %q, have %q", p, b)
+					return
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	t.Logf("800 requests from 8 goroutines over %d connections", conns.Load())
+	if conns.Load() > 8+8 {
+		t.Fatalf("connections not reused: %d for 8 concurrent clients", conns.Load())
+	}
+}

@@ -209,11 +209,11 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		if o.Failure() && resp.StatusCode != http.StatusSwitchingProtocols {
 			// A failing status: retry it if the policy allows, on a body
 			// the client has not seen.
-			if retry, _ := g.RetryDecision(r.Method, ex.tries, o, body.replayable()); retry && ctx.Err() == nil {
+			if retry, cause := g.RetryDecision(r.Method, ex.tries, o, body.replayable()); retry && ctx.Err() == nil {
 				drain(resp.Body)
 				ex.endTry(ep, done, o, aspan, resp.StatusCode, t0, cancelTry)
 				lastErr = fmt.Errorf("%s: answered %d", ep.Address, resp.StatusCode)
-				if ex.retryDecided(span, g, o) {
+				if ex.retryDecided(span, g, cause) {
 					continue
 				}
 				// The backoff outlived the budget.
@@ -284,19 +284,17 @@ func (ex *exchange) retry(span trace.Span, g *resilience.Guard, o resilience.Out
 	if ex.ctx.Err() != nil {
 		return false
 	}
-	if ok, _ := g.RetryDecision(ex.r.Method, ex.tries, o, replayable); !ok {
+	ok, cause := g.RetryDecision(ex.r.Method, ex.tries, o, replayable)
+	if !ok {
 		return false
 	}
-	return ex.retryDecided(span, g, o)
+	return ex.retryDecided(span, g, cause)
 }
 
-// retryDecided records a retry the policy granted and sleeps its backoff;
-// false when the request's budget ends first.
-func (ex *exchange) retryDecided(span trace.Span, g *resilience.Guard, o resilience.Outcome) bool {
-	cause := o.Kind()
-	if cause == resilience.KindNone {
-		cause = strconv.Itoa(o.Status)
-	}
+// retryDecided records a retry the policy granted, labelled with the
+// policy's cause (a retry.on condition), and sleeps its backoff; false when
+// the request's budget ends first.
+func (ex *exchange) retryDecided(span trace.Span, g *resilience.Guard, cause string) bool {
 	wait := g.Backoff(ex.tries)
 	telemetry.Retrying(span, ex.tries, cause, wait)
 	metricsOf(ex.s.tel).Retry(ex.u.name, cause)

@@ -8,6 +8,7 @@ package config
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -249,7 +250,8 @@ type Proxy struct {
 // Telemetry configures traces and metrics; OTEL_* variables also apply.
 type Telemetry struct {
 	ServiceName string            `yaml:"service_name"`
-	Traces      string            `yaml:"traces"` // otlp, otlp-grpc, otlp-http, console, none
+	Traces      string            `yaml:"traces"`   // otlp, otlp-grpc, otlp-http, console, none
+	Exporter    string            `yaml:"exporter"` // the same as traces, by its OpenTelemetry name
 	Endpoint    string            `yaml:"endpoint"`
 	Protocol    string            `yaml:"protocol"`
 	Insecure    *bool             `yaml:"insecure"`
@@ -422,7 +424,7 @@ func (c *Config) applyDefaults() {
 func (c *Config) TelemetryConfig() telemetry.Config {
 	t := c.Telemetry
 	tc := telemetry.Config{
-		ServiceName: t.ServiceName, Exporter: t.Traces, Endpoint: t.Endpoint, Protocol: t.Protocol,
+		ServiceName: t.ServiceName, Exporter: cmp.Or(t.Traces, t.Exporter), Endpoint: t.Endpoint, Protocol: t.Protocol,
 		Headers: t.Headers, SampleRatio: t.SampleRatio, Propagators: t.Propagators,
 		Metrics: t.Metrics != "none", RecordQuery: t.RecordQuery,
 	}
@@ -589,10 +591,15 @@ func (c *Config) validate(d *decoder) {
 	default:
 		at("log.level", "want debug, info, warn or error, have %q", c.Log.Level)
 	}
-	switch c.Telemetry.Traces {
-	case "", "otlp", "otlp-grpc", "otlp-http", "console", "none":
-	default:
-		at("telemetry.traces", "want otlp, otlp-grpc, otlp-http, console or none, have %q", c.Telemetry.Traces)
+	if t := c.Telemetry; t.Traces != "" && t.Exporter != "" && t.Traces != t.Exporter {
+		at("telemetry.exporter", "traces and exporter name the same setting and disagree (%q, %q)", t.Traces, t.Exporter)
+	}
+	for _, k := range []struct{ key, v string }{{"telemetry.traces", c.Telemetry.Traces}, {"telemetry.exporter", c.Telemetry.Exporter}} {
+		switch k.v {
+		case "", "otlp", "otlp-grpc", "otlp-http", "console", "none":
+		default:
+			at(k.key, "want otlp, otlp-grpc, otlp-http, console or none, have %q", k.v)
+		}
 	}
 	switch c.Telemetry.Protocol {
 	case "", "grpc", "http/protobuf":

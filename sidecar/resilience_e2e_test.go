@@ -1,0 +1,715 @@
+package sidecar
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// These tests drive the real sidecar against real loopback backends that
+// fail the way instances fail in production: refused connections, hung
+// handlers, connections reset mid-response and bursts of 503.
+
+// rzClient is a keep-alive client that uses the sidecar as forward proxy.
+func rzClient(s *Sidecar, conns int) *http.Client {
+	u, _ := url.Parse("http://" + s.Addr("outbound"))
+	return &http.Client{
+		Transport: &http.Transport{Proxy: http.ProxyURL(u), MaxIdleConnsPerHost: conns},
+		Timeout:   30 * time.Second,
+	}
+}
+
+// rzDo sends one request and returns its status and body; an error when the
+// response broke off or never came.
+func rzDo(ctx context.Context, c *http.Client, method, target, body string, hdr map[string]string) (int, string, error) {
+	var rd io.Reader
+	if body != "" {
+		rd = strings.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, target, rd)
+	if err != nil {
+		return 0, "", err
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+// rzInstance returns the status of the instance of upstream at addr.
+func rzInstance(t testing.TB, s *Sidecar, upstream, addr string) InstanceStatus {
+	t.Helper()
+	for _, u := range s.Status() {
+		if u.Name != upstream {
+			continue
+		}
+		for _, in := range u.Instances {
+			if in.Address == addr {
+				return in
+			}
+		}
+	}
+	t.Fatalf("instance %s of %q not in the sidecar's status", addr, upstream)
+	return InstanceStatus{}
+}
+
+// rzEventually polls cond until it holds, failing the test after timeout.
+func rzEventually(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not reached within %v", what, timeout)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// rzClosedAddr returns a loopback address on which nothing listens, so that
+// connections to it are refused.
+func rzClosedAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// rzHangBackend starts a backend that never answers: its handler returns
+// only when the caller goes away or the test ends. arrived, when not nil,
+// receives a value (without blocking) for every request that reached it.
+func rzHangBackend(t testing.TB, name string, arrived chan<- struct{}) *backend {
+	t.Helper()
+	release := make(chan struct{})
+	b := newBackend(t, name, func(w http.ResponseWriter, r *http.Request) {
+		if arrived != nil {
+			select {
+			case arrived <- struct{}{}:
+			default:
+			}
+		}
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	// Cleanups run last-in first-out: this one runs before the backend's
+	// Close, which waits for its handlers to return.
+	t.Cleanup(func() { close(release) })
+	return b
+}
+
+// rzResetter is a raw TCP backend that reads each request, writes part of a
+// response and resets the connection.
+type rzResetter struct {
+	ln   net.Listener
+	hits atomic.Int64
+	wg   sync.WaitGroup
+}
+
+// rzNewResetter starts a resetter. When midBody is false it breaks off in
+// the middle of the response headers, otherwise in the middle of the body.
+func rzNewResetter(t testing.TB, midBody bool) *rzResetter {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := &rzResetter{ln: ln}
+	partial := "HTTP/1.1 200 OK\r\nContent-Type: text/pl"
+	if midBody {
+		partial = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1000\r\n\r\nonly a few bytes"
+	}
+	rs.wg.Add(1)
+	go func() {
+		defer rs.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			rs.wg.Add(1)
+			go func() {
+				defer rs.wg.Done()
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(5 * time.Second))
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				rs.hits.Add(1)
+				io.WriteString(c, partial)
+				if tc, ok := c.(*net.TCPConn); ok {
+					tc.SetLinger(0) // Close sends RST
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		rs.wg.Wait()
+	})
+	return rs
+}
+
+func (rs *rzResetter) addr() string { return rs.ln.Addr().String() }
+
+// rzFault is one way an instance fails, with the way to count what reached it.
+type rzFault struct {
+	name string
+	// setup starts the faulty instance and returns its address and a
+	// counter of the requests that reached it (nil when nothing can reach it).
+	setup func(t *testing.T) (addr string, hits func() int64)
+}
+
+var rzFaults = []rzFault{
+	{"refused", func(t *testing.T) (string, func() int64) { return rzClosedAddr(t), nil }},
+	{"hang", func(t *testing.T) (string, func() int64) {
+		b := rzHangBackend(t, "hung", nil)
+		return b.addr(), b.hits.Load
+	}},
+	{"reset-in-headers", func(t *testing.T) (string, func() int64) {
+		rs := rzNewResetter(t, false)
+		return rs.addr(), rs.hits.Load
+	}},
+	{"reset-in-body", func(t *testing.T) (string, func() int64) {
+		rs := rzNewResetter(t, true)
+		return rs.addr(), rs.hits.Load
+	}},
+	{"503", func(t *testing.T) (string, func() int64) {
+		b := newBackend(t, "sick", func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "overloaded", http.StatusServiceUnavailable)
+		})
+		return b.addr(), b.hits.Load
+	}},
+}
+
+// TestRZBreakerOpensOnEachFault checks, for every kind of failure, that the
+// breaker opens after exactly consecutive_failures tries and that the
+// instance then gets no traffic while the healthy one serves everything.
+func TestRZBreakerOpensOnEachFault(t *testing.T) {
+	for _, f := range rzFaults {
+		t.Run(f.name, func(t *testing.T) {
+			bad, badHits := f.setup(t)
+			good := newBackend(t, "good", nil)
+			s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s]}}
+upstreams:
+  svc:
+    balance: {algorithm: round_robin}
+    breaker: {consecutive_failures: 3, open_for: 1m}
+    retry: {disabled: true}
+    timeouts: {per_try: 100ms}
+`, bad, good.addr()))
+			c := rzClient(s, 2)
+			ctx := context.Background()
+
+			sent := 0
+			for ; sent < 40 && rzInstance(t, s, "svc", bad).Breaker != "open"; sent++ {
+				rzDo(ctx, c, "GET", "http://svc/", "", nil)
+				// The breaker hears of the outcome after the response was
+				// written; let the try settle before looking again.
+				rzEventually(t, 2*time.Second, "try settled", func() bool { return rzInstance(t, s, "svc", bad).InFlight == 0 })
+			}
+			in := rzInstance(t, s, "svc", bad)
+			if in.Breaker != "open" {
+				t.Fatalf("breaker after %d requests: want open, have %s (tries %d, failures %d)", sent, in.Breaker, in.Requests, in.Failures)
+			}
+			if in.Requests != 3 || in.Failures != 3 {
+				t.Fatalf("tries to the faulty instance before its breaker opened: want 3 (all failures), have %d tries, %d failures", in.Requests, in.Failures)
+			}
+			var hitsAtOpen int64
+			if badHits != nil {
+				hitsAtOpen = badHits()
+				if hitsAtOpen != 3 {
+					t.Fatalf("requests that reached the faulty instance: want 3, have %d", hitsAtOpen)
+				}
+			}
+			goodBefore := good.hits.Load()
+			for i := 0; i < 20; i++ {
+				st, body, err := rzDo(ctx, c, "GET", "http://svc/", "", nil)
+				if err != nil || st != 200 || body != "good" {
+					t.Fatalf("request %d with the faulty instance ejected: want 200 good, have %d %q %v", i, st, body, err)
+				}
+			}
+			if n := good.hits.Load() - goodBefore; n != 20 {
+				t.Errorf("healthy instance while the other is ejected: want 20 requests, have %d", n)
+			}
+			if in := rzInstance(t, s, "svc", bad); in.Requests != 3 {
+				t.Errorf("tries to the ejected instance: want still 3, have %d", in.Requests)
+			}
+			if badHits != nil && badHits() != hitsAtOpen {
+				t.Errorf("requests reaching the ejected instance: want still %d, have %d", hitsAtOpen, badHits())
+			}
+		})
+	}
+}
+
+// rzAdminBreaker reads the instance's breaker state from the admin /upstreams JSON.
+func rzAdminBreaker(t testing.TB, s *Sidecar, upstream, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + s.Addr("admin") + "/upstreams")
+	if err != nil {
+		t.Fatalf("GET /upstreams: %v", err)
+	}
+	defer resp.Body.Close()
+	var doc struct {
+		Upstreams []UpstreamStatus `json:"upstreams"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&doc); err != nil {
+		t.Fatalf("decoding /upstreams: %v", err)
+	}
+	for _, u := range doc.Upstreams {
+		for _, in := range u.Instances {
+			if u.Name == upstream && in.Address == addr {
+				return in.Breaker
+			}
+		}
+	}
+	t.Fatalf("/upstreams lacks instance %s of %q", addr, upstream)
+	return ""
+}
+
+// TestRZBreakerProbesAndOpenPeriodGrows follows one instance through a 503
+// storm: the breaker opens after three failures, the instance sees exactly
+// one probe per open period, a failed probe doubles the open period, and a
+// successful one closes the breaker and brings traffic back.
+func TestRZBreakerProbesAndOpenPeriodGrows(t *testing.T) {
+	const openFor = 200 * time.Millisecond
+	var sick atomic.Bool
+	sick.Store(true)
+	var mu sync.Mutex
+	var hitTimes []time.Time
+	bad := newBackend(t, "bad", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		hitTimes = append(hitTimes, time.Now())
+		mu.Unlock()
+		if sick.Load() {
+			http.Error(w, "overloaded", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprint(w, "bad")
+	})
+	good := newBackend(t, "good", nil)
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s]}}
+upstreams:
+  svc:
+    balance: {algorithm: round_robin}
+    breaker: {consecutive_failures: 3, open_for: %v, open_multiplier: 2, open_max: 10s}
+    retry: {disabled: true}
+`, bad.addr(), good.addr(), openFor))
+	c := rzClient(s, 2)
+	ctx := context.Background()
+	hitAt := func(i int) time.Time {
+		mu.Lock()
+		defer mu.Unlock()
+		return hitTimes[i]
+	}
+	// drive sends paced requests until bad has seen want requests; bounded
+	// by the deadline.
+	drive := func(want int64, timeout time.Duration) {
+		t.Helper()
+		deadline := time.Now().Add(timeout)
+		for bad.hits.Load() < want {
+			if time.Now().After(deadline) {
+				t.Fatalf("want %d requests at the sick instance within %v, have %d", want, timeout, bad.hits.Load())
+			}
+			rzDo(ctx, c, "GET", "http://svc/", "", nil)
+			time.Sleep(2 * time.Millisecond) // pace the load, not a synchronisation
+		}
+		if n := bad.hits.Load(); n != want {
+			t.Fatalf("requests at the sick instance: want exactly %d, have %d", want, n)
+		}
+	}
+	state := func() string { return rzInstance(t, s, "svc", bad.addr()).Breaker }
+
+	// The storm: three failures open the breaker.
+	drive(3, 2*time.Second)
+	rzEventually(t, 2*time.Second, "breaker open after 3 failures", func() bool { return state() == "open" })
+	if have := rzAdminBreaker(t, s, "svc", bad.addr()); have != "open" {
+		t.Fatalf("/upstreams breaker: want open, have %s", have)
+	}
+
+	// First open period: the next request to reach it is the probe; it fails.
+	drive(4, 5*time.Second)
+	first := hitAt(3).Sub(hitAt(2))
+	rzEventually(t, 2*time.Second, "breaker reopened after the failed probe", func() bool { return state() == "open" })
+
+	// Second open period, twice as long; the instance has recovered, so
+	// this probe succeeds and closes the breaker.
+	sick.Store(false)
+	drive(5, 5*time.Second)
+	second := hitAt(4).Sub(hitAt(3))
+	rzEventually(t, 2*time.Second, "breaker closed after the successful probe", func() bool { return state() == "closed" })
+	t.Logf("open periods measured at the instance: first %v, second %v (open_for %v)", first, second, openFor)
+
+	if first < openFor {
+		t.Errorf("first open period: want ≥ %v, have %v", openFor, first)
+	}
+	if second < 2*openFor {
+		t.Errorf("second open period: want ≥ %v (open_for × open_multiplier), have %v", 2*openFor, second)
+	}
+	if second <= first {
+		t.Errorf("open period after a failed probe: want longer than the first (%v), have %v", first, second)
+	}
+
+	// Closed again: round robin gives it its share at once.
+	before := bad.hits.Load()
+	for i := 0; i < 10; i++ {
+		if st, _, err := rzDo(ctx, c, "GET", "http://svc/", "", nil); err != nil || st != 200 {
+			t.Fatalf("request %d after recovery: want 200, have %d %v", i, st, err)
+		}
+	}
+	if n := bad.hits.Load() - before; n != 5 {
+		t.Errorf("recovered instance's share of 10 round-robin requests: want 5, have %d", n)
+	}
+}
+
+// TestRZSteadyLoadSurvivesKilledInstance kills one of three instances in
+// the middle of a steady load; with no resilience keys configured the app
+// must not see a single failed GET.
+func TestRZSteadyLoadSurvivesKilledInstance(t *testing.T) {
+	const (
+		workers   = 4
+		perWorker = 2000
+		maxRun    = 10 * time.Second
+	)
+	a := newBackend(t, "a", nil)
+	b := newBackend(t, "b", nil)
+	victim := newBackend(t, "c", nil)
+	victimAddr := victim.addr()
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s, %s]}}
+upstreams: {svc: {}}
+`, a.addr(), b.addr(), victimAddr))
+	c := rzClient(s, workers)
+
+	var done, failed atomic.Int64
+	var firstErr atomic.Value
+	stop := time.Now().Add(maxRun)
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < perWorker && time.Now().Before(stop); i++ {
+				st, body, err := rzDo(context.Background(), c, "GET", "http://svc/load", "", nil)
+				if err != nil || st != 200 || (body != "a" && body != "b" && body != "c") {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, fmt.Sprintf("%d %q %v", st, body, err))
+				}
+				done.Add(1)
+			}
+		}()
+	}
+	// Kill the victim a third of the way through (by count, or by time when
+	// the machine is slow).
+	killAt := time.Now().Add(maxRun / 3)
+	for done.Load() < workers*perWorker/3 && time.Now().Before(killAt) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	victimBefore := victim.hits.Load()
+	atKill := done.Load()
+	victim.Close()
+	wg.Wait()
+
+	total := done.Load()
+	var tries uint64
+	for _, u := range s.Status() {
+		for _, in := range u.Instances {
+			tries += in.Requests
+		}
+	}
+	t.Logf("%d requests (%d after the kill), %d failed; %d tries to instances, so %d retries; victim served %d before dying",
+		total, total-atKill, failed.Load(), tries, int64(tries)-total, victimBefore)
+	if failed.Load() != 0 {
+		t.Fatalf("failed GETs seen by the app: want 0, have %d of %d (first: %v)", failed.Load(), total, firstErr.Load())
+	}
+	if victimBefore == 0 {
+		t.Fatalf("the victim served no request before it was killed: the test proves nothing")
+	}
+	if total-atKill < 100 {
+		t.Fatalf("requests after the kill: want at least 100 to exercise the failover, have %d", total-atKill)
+	}
+	if st := rzInstance(t, s, "svc", victimAddr).Breaker; st == "closed" {
+		t.Errorf("breaker of the killed instance: want open (or half-open while probed), have %s", st)
+	}
+}
+
+// TestRZPostNotRetriedOnceSent checks that a POST that reached an instance
+// and got 503 is not sent again, while a GET in the same situation is.
+func TestRZPostNotRetriedOnceSent(t *testing.T) {
+	sick := func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		http.Error(w, "overloaded", http.StatusServiceUnavailable)
+	}
+	b1 := newBackend(t, "s1", sick)
+	b2 := newBackend(t, "s2", sick)
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s]}}
+upstreams: {svc: {balance: {algorithm: round_robin}}}
+`, b1.addr(), b2.addr()))
+	c := rzClient(s, 1)
+	hits := func() int64 { return b1.hits.Load() + b2.hits.Load() }
+
+	st, _, err := rzDo(context.Background(), c, "POST", "http://svc/orders", `{"id":1}`, nil)
+	if err != nil || st != 503 {
+		t.Fatalf("POST to a sick upstream: want 503, have %d %v", st, err)
+	}
+	if n := hits(); n != 1 {
+		t.Fatalf("POST that reached an instance and got 503: want 1 upstream request, have %d", n)
+	}
+	// The same situation with a GET is retried: the policy really decides
+	// by method.
+	st, _, err = rzDo(context.Background(), c, "GET", "http://svc/orders", "", nil)
+	if err != nil || st != 503 {
+		t.Fatalf("GET to a sick upstream: want 503, have %d %v", st, err)
+	}
+	if n := hits() - 1; n < 2 {
+		t.Fatalf("GET that got 503: want at least 2 upstream requests (retried), have %d", n)
+	}
+}
+
+// TestRZPostRetriedAfterConnectFailure checks that a POST refused at connect
+// goes to another instance with its body intact.
+func TestRZPostRetriedAfterConnectFailure(t *testing.T) {
+	dead := rzClosedAddr(t)
+	echo := newBackend(t, "echo", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(w, r.Body)
+	})
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s]}}
+upstreams: {svc: {balance: {algorithm: round_robin}}}
+`, dead, echo.addr()))
+	c := rzClient(s, 1)
+	const n = 4
+	for i := 0; i < n; i++ {
+		body := fmt.Sprintf(`{"order":%d}`, i)
+		st, got, err := rzDo(context.Background(), c, "POST", "http://svc/orders", body, nil)
+		if err != nil || st != 200 || got != body {
+			t.Fatalf("POST %d with one instance refusing connections: want 200 %q, have %d %q %v", i, body, st, got, err)
+		}
+	}
+	if have := echo.hits.Load(); have != n {
+		t.Errorf("POSTs at the healthy instance: want %d, have %d", n, have)
+	}
+	if d := rzInstance(t, s, "svc", dead); d.Requests == 0 || d.Failures != d.Requests {
+		t.Errorf("tries to the refusing instance: want ≥ 1, all failures, have %d tries, %d failures", d.Requests, d.Failures)
+	}
+}
+
+// TestRZRetryBudgetBoundsOutageLoad checks that during a full outage retries
+// add no more than the budget allows to the upstream's load.
+func TestRZRetryBudgetBoundsOutageLoad(t *testing.T) {
+	const (
+		requests   = 240
+		workers    = 4
+		percent    = 20.0
+		minPerSec  = 10 // the default budget_min_per_second
+		maxRetries = 3  // the default attempts
+	)
+	sick := func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "overloaded", http.StatusServiceUnavailable)
+	}
+	bs := []*backend{newBackend(t, "s1", sick), newBackend(t, "s2", sick), newBackend(t, "s3", sick)}
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s, %s]}}
+upstreams: {svc: {retry: {budget_percent: %v}}}
+`, bs[0].addr(), bs[1].addr(), bs[2].addr(), percent))
+	c := rzClient(s, workers)
+
+	var next, ok atomic.Int64
+	began := time.Now()
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= requests {
+				if st, _, err := rzDo(context.Background(), c, "GET", "http://svc/", "", nil); err == nil && st == 200 {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(began)
+	var attempts int64
+	for _, b := range bs {
+		attempts += b.hits.Load()
+	}
+	// The budget grants percent of the requests plus minPerSec in every
+	// second the run touched.
+	seconds := int64(math.Ceil(elapsed.Seconds())) + 1
+	bound := int64(requests*(1+percent/100)) + minPerSec*seconds
+	t.Logf("outage: %d requests in %v made %d upstream attempts (bound %d)", requests, elapsed.Round(time.Millisecond), attempts, bound)
+	if ok.Load() != 0 {
+		t.Fatalf("requests answered 200 during a full outage: want 0, have %d", ok.Load())
+	}
+	if attempts > bound {
+		t.Fatalf("upstream attempts during the outage: want ≤ requests×(1+%v%%) + %d/s×%ds = %d, have %d (unbudgeted would be up to %d)",
+			percent, minPerSec, seconds, bound, attempts, requests*maxRetries)
+	}
+	if attempts <= requests {
+		t.Fatalf("upstream attempts during the outage: want more than %d (some retries granted), have %d", requests, attempts)
+	}
+}
+
+// TestRZHungInstanceCostsOnePerTry checks that a hung instance costs a
+// request at most the per-try timeout.
+func TestRZHungInstanceCostsOnePerTry(t *testing.T) {
+	const perTry = 200 * time.Millisecond
+	const margin = 300 * time.Millisecond
+	run := func(t *testing.T, retryOn string, wantRecovered bool) {
+		hung := rzHangBackend(t, "hung", nil)
+		good := newBackend(t, "good", nil)
+		s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s]}}
+upstreams:
+  svc:
+    balance: {algorithm: round_robin}
+    timeouts: {per_try: %v}
+%s`, hung.addr(), good.addr(), perTry, retryOn))
+		c := rzClient(s, 1)
+		var slowest time.Duration
+		hitHung := 0
+		for i := 0; i < 12; i++ {
+			t0 := time.Now()
+			st, body, err := rzDo(context.Background(), c, "GET", "http://svc/", "", nil)
+			d := time.Since(t0)
+			slowest = max(slowest, d)
+			if d >= perTry+margin {
+				t.Errorf("request %d took %v: want < per_try + %v = %v", i, d, margin, perTry+margin)
+			}
+			switch {
+			case err == nil && st == 200 && body == "good":
+			case !wantRecovered && err == nil && st == 504:
+				hitHung++
+			default:
+				want := "200 good"
+				if !wantRecovered {
+					want += " or 504"
+				}
+				t.Errorf("request %d: want %s, have %d %q %v", i, want, st, body, err)
+			}
+		}
+		t.Logf("slowest request %v; hung instance got %d requests", slowest, hung.hits.Load())
+		if hung.hits.Load() == 0 {
+			t.Fatalf("the hung instance was never tried: the test proves nothing")
+		}
+		if slowest < perTry {
+			t.Errorf("slowest request %v: want ≥ per_try %v, since the hung instance was tried", slowest, perTry)
+		}
+		if !wantRecovered && int64(hitHung) != hung.hits.Load() {
+			t.Errorf("504s: want one per request to the hung instance (%d), have %d", hung.hits.Load(), hitHung)
+		}
+	}
+	t.Run("retry-on-timeout", func(t *testing.T) {
+		run(t, "    retry: {on: [connect-failure, reset, timeout, gateway-error]}\n", true)
+	})
+	// Timeouts are not retried by default: the try's 504 still comes within per_try.
+	t.Run("default-retry", func(t *testing.T) { run(t, "", false) })
+}
+
+// TestRZTimeoutHeader checks that X-Meshd-Timeout shortens the request's
+// budget and that a malformed value is refused before anything is sent.
+func TestRZTimeoutHeader(t *testing.T) {
+	slow := rzHangBackend(t, "slow", nil)
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s]}}
+upstreams: {svc: {timeout: 10s}}
+`, slow.addr()))
+	c := rzClient(s, 1)
+	const budget = 100 * time.Millisecond
+	t0 := time.Now()
+	st, body, err := rzDo(context.Background(), c, "GET", "http://svc/", "", map[string]string{"X-Meshd-Timeout": "100ms"})
+	d := time.Since(t0)
+	if err != nil || st != http.StatusGatewayTimeout {
+		t.Fatalf("X-Meshd-Timeout: 100ms against a hung backend: want 504, have %d %q %v", st, body, err)
+	}
+	if d < budget || d > budget+400*time.Millisecond {
+		t.Errorf("X-Meshd-Timeout: 100ms answered after %v: want between %v and %v", d, budget, budget+400*time.Millisecond)
+	}
+	if slow.hits.Load() != 1 {
+		t.Errorf("requests at the backend: want 1, have %d", slow.hits.Load())
+	}
+	for _, v := range []string{"soon", "-5ms", "0"} {
+		st, body, err := rzDo(context.Background(), c, "GET", "http://svc/", "", map[string]string{"X-Meshd-Timeout": v})
+		if err != nil || st != http.StatusBadRequest {
+			t.Errorf("X-Meshd-Timeout: %q: want 400, have %d %q %v", v, st, body, err)
+		}
+	}
+	if slow.hits.Load() != 1 {
+		t.Errorf("requests at the backend after malformed timeouts: want still 1, have %d", slow.hits.Load())
+	}
+}
+
+// TestRZCallerCancellationIsNotAFailure checks that callers giving up on a
+// hung instance do not trip its breaker, while real timeouts do.
+func TestRZCallerCancellationIsNotAFailure(t *testing.T) {
+	arrived := make(chan struct{}, 1)
+	b := rzHangBackend(t, "hung", arrived)
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s]}}
+upstreams: {svc: {breaker: {consecutive_failures: 3, open_for: 1m}}}
+`, b.addr()))
+	c := rzClient(s, 1)
+	settled := func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 }
+
+	const cancels = 5
+	for i := 0; i < cancels; i++ {
+		ctx, cancel := context.WithCancel(context.Background())
+		errc := make(chan error, 1)
+		go func() {
+			_, _, err := rzDo(ctx, c, "GET", "http://svc/", "", nil)
+			errc <- err
+		}()
+		select {
+		case <-arrived:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("request %d never reached the backend", i)
+		}
+		cancel()
+		if err := <-errc; !errors.Is(err, context.Canceled) {
+			t.Fatalf("canceled request %d: want context.Canceled, have %v", i, err)
+		}
+		rzEventually(t, 5*time.Second, "canceled try settled", settled)
+	}
+	in := rzInstance(t, s, "svc", b.addr())
+	if in.Breaker != "closed" || in.Failures != 0 {
+		t.Fatalf("after %d canceled requests (consecutive_failures 3): want breaker closed with 0 failures, have %s with %d failures", cancels, in.Breaker, in.Failures)
+	}
+	if in.Requests != cancels {
+		t.Errorf("tries recorded: want %d, have %d", cancels, in.Requests)
+	}
+	// Real failures against the same instance do trip it.
+	for i := 0; i < 3; i++ {
+		if st, _, err := rzDo(context.Background(), c, "GET", "http://svc/", "", map[string]string{"X-Meshd-Timeout": "50ms"}); err != nil || st != 504 {
+			t.Fatalf("timed-out request %d: want 504, have %d %v", i, st, err)
+		}
+	}
+	rzEventually(t, 2*time.Second, "breaker open after 3 timeouts", func() bool { return rzInstance(t, s, "svc", b.addr()).Breaker == "open" })
+}

@@ -7,6 +7,7 @@
 #
 # Environment: BENCH_DURATION (seconds per run, default 5), BENCH_ROUNDS
 # (default 3), BENCH_TARGETS (default "direct meshd haproxy nginx"),
+# BENCH_SCENARIOS (default "64:small 1:small 64:large 1:large"),
 # MESHD_EXTRA_CONFIG (YAML appended to meshd's config, e.g. telemetry).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,6 +15,7 @@ BIN=${BIN:-bin}
 DUR=${BENCH_DURATION:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
 TARGETS=${BENCH_TARGETS:-direct meshd haproxy nginx}
+SCENARIOS=${BENCH_SCENARIOS:-64:small 1:small 64:large 1:large}
 OUT=${BENCH_OUT:-examples/bench/results.md}
 work=$(mktemp -d)
 chmod 755 "$work"  # nginx workers run unprivileged and must read the files
@@ -205,8 +207,8 @@ run_one() { # target conns path round
 }
 
 echo "bench: ${ROUNDS} rounds of ${DUR}s per target and scenario (targets: $TARGETS)" >&2
-for scenario in "64 small" "1 small" "64 large" "1 large"; do
-  set -- $scenario
+for scenario in $SCENARIOS; do
+  set -- ${scenario/:/ }
   for round in $(seq "$ROUNDS"); do
     for target in $TARGETS; do
       run_one "$target" "$1" "$2" "$round"

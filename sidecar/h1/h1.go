@@ -87,6 +87,9 @@ type conn struct {
 	stopCtx  func() bool
 	canceled atomic.Bool
 	ctx      context.Context
+	// arena and fields are reused across response heads.
+	arena  []byte
+	fields []field
 }
 
 var (
@@ -453,7 +456,7 @@ func (c *conn) readResponse(req *http.Request) (*http.Response, error) {
 var errNothingRead = errors.New("h1: connection ended before the response began")
 
 func (c *conn) readHead(req *http.Request) (*http.Response, error) {
-	line, err := c.readLine()
+	line, err := c.readLineBytes()
 	if err != nil {
 		if errors.Is(err, io.EOF) || isClosedErr(err) && !errors.Is(err, io.ErrUnexpectedEOF) {
 			if ne, ok := err.(net.Error); !ok || !ne.Timeout() {
@@ -463,45 +466,123 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	// HTTP/1.1 200 OK
-	if len(line) < 12 || line[:5] != "HTTP/" || line[8] != ' ' {
+	if len(line) < 12 || string(line[:5]) != "HTTP/" || line[8] != ' ' {
 		c.broken.Store(true)
-		return nil, fmt.Errorf("h1: malformed status line %q", truncate(line))
+		return nil, fmt.Errorf("h1: malformed status line %q", truncate(string(line)))
 	}
-	code, err := strconv.Atoi(line[9:12])
-	if err != nil || code < 100 || code > 999 {
+	code := int(line[9]-'0')*100 + int(line[10]-'0')*10 + int(line[11]-'0')
+	if line[9] < '1' || line[9] > '9' || line[10] < '0' || line[10] > '9' || line[11] < '0' || line[11] > '9' {
 		c.broken.Store(true)
-		return nil, fmt.Errorf("h1: malformed status code in %q", truncate(line))
+		return nil, fmt.Errorf("h1: malformed status code in %q", truncate(string(line)))
 	}
 	resp := &http.Response{
-		Status:     line[9:],
 		StatusCode: code,
-		Proto:      line[:8],
+		Proto:      "HTTP/1.1",
 		ProtoMajor: 1,
 		ProtoMinor: 1,
-		Header:     make(http.Header, 8),
 		Request:    req,
 	}
-	if line[:8] == "HTTP/1.0" {
-		resp.ProtoMinor = 0
+	if string(line[:8]) == "HTTP/1.0" {
+		resp.Proto, resp.ProtoMinor = "HTTP/1.0", 0
 	}
+	if st := statusLines[code%len(statusLines)]; st != "" && st == string(line[9:]) {
+		resp.Status = st
+	} else {
+		resp.Status = string(line[9:])
+	}
+	// Header values are gathered in one buffer and become one string, so a
+	// response head costs a handful of allocations whatever its size.
+	arena := c.arena[:0]
+	fields := c.fields[:0]
 	for {
-		l, err := c.readLine()
+		l, err := c.readLineBytes()
 		if err != nil {
 			return nil, err
 		}
-		if l == "" {
+		if len(l) == 0 {
 			break
 		}
-		k, v, ok := strings.Cut(l, ":")
-		if !ok || k == "" {
+		i := indexByte(l, ':')
+		if i <= 0 {
 			c.broken.Store(true)
-			return nil, fmt.Errorf("h1: malformed header line %q", truncate(l))
+			return nil, fmt.Errorf("h1: malformed header line %q", truncate(string(l)))
 		}
-		k = textproto.CanonicalMIMEHeaderKey(k)
-		v = strings.TrimSpace(v)
-		resp.Header[k] = append(resp.Header[k], v)
+		key, ok := commonKeys[string(l[:i])]
+		if !ok {
+			key = textproto.CanonicalMIMEHeaderKey(string(l[:i]))
+		}
+		v := trimSpace(l[i+1:])
+		start := len(arena)
+		arena = append(arena, v...)
+		fields = append(fields, field{key: key, start: start, end: len(arena)})
 	}
+	values := string(arena)
+	vals := make([]string, len(fields))
+	resp.Header = make(http.Header, len(fields))
+	for i, f := range fields {
+		vals[i] = values[f.start:f.end]
+		if prev, ok := resp.Header[f.key]; ok {
+			resp.Header[f.key] = append(prev[:len(prev):len(prev)], vals[i])
+			continue
+		}
+		resp.Header[f.key] = vals[i : i+1 : i+1]
+	}
+	c.arena, c.fields = arena, fields
 	return resp, nil
+}
+
+// field locates one header value in the head's value buffer.
+type field struct {
+	key        string
+	start, end int
+}
+
+// statusLines holds "200 OK" and friends, indexed by code, so that common
+// status lines need no allocation.
+var statusLines = func() []string {
+	out := make([]string, 600)
+	for code := 100; code < 600; code++ {
+		if t := http.StatusText(code); t != "" {
+			out[code] = strconv.Itoa(code) + " " + t
+		}
+	}
+	return out
+}()
+
+// commonKeys interns the canonical form of frequent response header names.
+var commonKeys = func() map[string]string {
+	m := map[string]string{}
+	for _, k := range []string{
+		"Accept-Ranges", "Age", "Cache-Control", "Connection", "Content-Encoding", "Content-Language",
+		"Content-Length", "Content-Type", "Date", "Etag", "Expires", "Keep-Alive", "Last-Modified",
+		"Location", "Server", "Set-Cookie", "Trailer", "Transfer-Encoding", "Vary", "Via",
+		"X-Content-Type-Options", "X-Frame-Options", "X-Request-Id", "Traceparent", "Tracestate",
+		"Grpc-Status", "Grpc-Message", "Strict-Transport-Security", "Access-Control-Allow-Origin",
+	} {
+		m[k] = k
+		m[strings.ToLower(k)] = k
+	}
+	m["ETag"] = "Etag"
+	return m
+}()
+
+func indexByte(b []byte, c byte) int {
+	for i, x := range b {
+		if x == c {
+			return i
+		}
+	}
+	return -1
+}
+
+func trimSpace(b []byte) []byte {
+	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
+		b = b[1:]
+	}
+	for len(b) > 0 && (b[len(b)-1] == ' ' || b[len(b)-1] == '\t') {
+		b = b[:len(b)-1]
+	}
+	return b
 }
 
 func truncate(s string) string {
@@ -511,24 +592,31 @@ func truncate(s string) string {
 	return s
 }
 
-// readLine reads one CRLF-terminated line without the terminator.
-func (c *conn) readLine() (string, error) {
+// readLineBytes reads one CRLF-terminated line without the terminator. The
+// slice is valid until the next read.
+func (c *conn) readLineBytes() ([]byte, error) {
 	line, err := c.br.ReadSlice('\n')
 	if err == bufio.ErrBufferFull {
 		c.broken.Store(true)
-		return "", errors.New("h1: response header line too long")
+		return nil, errors.New("h1: response header line too long")
 	}
 	if err != nil {
 		if err == io.EOF && len(line) > 0 {
 			err = io.ErrUnexpectedEOF
 		}
-		return "", err
+		return nil, err
 	}
 	n := len(line) - 1
 	if n > 0 && line[n-1] == '\r' {
 		n--
 	}
-	return string(line[:n]), nil
+	return line[:n], nil
+}
+
+// readLine is readLineBytes as a string.
+func (c *conn) readLine() (string, error) {
+	b, err := c.readLineBytes()
+	return string(b), err
 }
 
 // attachBody frames the response body and decides whether the connection

@@ -356,3 +356,47 @@ func TestConcurrentUseUnderRace(t *testing.T) {
 		t.Fatalf("connections not reused: %d for 8 concurrent clients", conns.Load())
 	}
 }
+
+func TestResponseHeadParsing(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					if _, err := http.ReadRequest(br); err != nil {
+						return
+					}
+					io.WriteString(c, "HTTP/1.1 299 Fine Thanks\r\ncontent-type:  text/odd \r\nx-custom-thing: a\r\nSet-Cookie: s=1\r\nset-cookie: t=2\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}(c)
+		}
+	}()
+	tr := New(Options{})
+	for i := 0; i < 2; i++ { // the second read reuses the connection's buffers
+		resp, body := get(t, tr, "http://"+ln.Addr().String()+"/")
+		if resp.StatusCode != 299 || resp.Status != "299 Fine Thanks" || body != "ok" {
+			t.Fatalf("status: have %d %q body %q", resp.StatusCode, resp.Status, body)
+		}
+		if v := resp.Header["Content-Type"]; len(v) != 1 || v[0] != "text/odd" {
+			t.Fatalf("Content-Type: have %q", v)
+		}
+		if v := resp.Header.Get("X-Custom-Thing"); v != "a" {
+			t.Fatalf("X-Custom-Thing: have %q (header map %v)", v, resp.Header)
+		}
+		if v := resp.Header["Set-Cookie"]; len(v) != 2 || v[0] != "s=1" || v[1] != "t=2" {
+			t.Fatalf("Set-Cookie: have %q", v)
+		}
+	}
+	resp, _ := get(t, tr, "http://"+ln.Addr().String()+"/")
+	resp.Header["Set-Cookie"] = append(resp.Header["Set-Cookie"], "u=3")
+	if resp.Header.Get("Content-Type") != "text/odd" {
+		t.Fatal("appending to one header's values overwrote another's")
+	}
+}

@@ -11,7 +11,7 @@ export MESHD_CONSUL_BIN ?= $(BIN)/consul
 export MESHD_JAEGER_BIN ?= $(BIN)/jaeger
 TESTFLAGS ?=
 
-.PHONY: all build test unit tools demo demo-deps bench lint clean
+.PHONY: all build test unit tools demo demo-deps bench walkthrough lint clean
 
 all: build
 
@@ -52,6 +52,12 @@ demo-deps:
 	@command -v curl >/dev/null || { echo "installing curl"; apt-get update -qq && apt-get install -y -qq curl; }
 
 # Benchmarks: Go micro-benchmarks, then wrk through meshd beside HAProxy and nginx.
-bench: build
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime 200ms ./balance/ ./sidecar/
+bench: build tools
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 200ms ./balance/ ./sidecar/h1/
 	BIN=bin examples/bench/run.sh
+	$(GO) run ./examples/bench/fault -meshd bin/meshd
+	BIN=bin examples/bench/tracing.sh
+
+# Consul, Jaeger and two services with their sidecars, traced (see examples/walkthrough).
+walkthrough: build tools
+	BIN=bin examples/walkthrough/walkthrough.sh

@@ -49,7 +49,10 @@ type Metrics struct {
 	clientDur          metric.Float64Histogram
 	serverDur          metric.Float64Histogram
 	requests           metric.Int64Counter
-	inFlight           metric.Int64UpDownCounter
+	inFlight           metric.Int64ObservableUpDownCounter
+	// inFlightBy holds an *atomic.Int64 per upstream, read at collection
+	// time, so that the hot path pays an atomic add instead of a metric record.
+	inFlightBy sync.Map
 	retries            metric.Int64Counter
 	breakerTransitions metric.Int64Counter
 	breakerState       metric.Int64Gauge
@@ -122,8 +125,17 @@ func newInstruments(meter metric.Meter) (*Metrics, error) {
 		metric.WithDescription("Attempts made to upstream instances, by status class.")); err != nil {
 		return fail(MetricRequests, err)
 	}
-	if m.inFlight, err = meter.Int64UpDownCounter(MetricInFlight, metric.WithUnit("{request}"),
+	if m.inFlight, err = meter.Int64ObservableUpDownCounter(MetricInFlight, metric.WithUnit("{request}"),
 		metric.WithDescription("Requests to an upstream currently being handled.")); err != nil {
+		return fail(MetricInFlight, err)
+	}
+	if _, err = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		m.inFlightBy.Range(func(k, v any) bool {
+			o.ObserveInt64(m.inFlight, v.(*atomic.Int64).Load(), m.upstreamOpts(k.(string)).obs...)
+			return true
+		})
+		return nil
+	}, m.inFlight); err != nil {
 		return fail(MetricInFlight, err)
 	}
 	if m.retries, err = meter.Int64Counter(MetricRetries, metric.WithUnit("{retry}"),
@@ -238,8 +250,11 @@ func (m *Metrics) InFlight(upstream string, delta int64) {
 	if m == nil {
 		return
 	}
-	o := m.upstreamOpts(upstream)
-	m.inFlight.Add(context.Background(), delta, o.add...)
+	c, ok := m.inFlightBy.Load(upstream)
+	if !ok {
+		c, _ = m.inFlightBy.LoadOrStore(upstream, new(atomic.Int64))
+	}
+	c.(*atomic.Int64).Add(delta)
 }
 
 func (m *Metrics) upstreamOpts(upstream string) *setOpts {
@@ -331,6 +346,7 @@ type setOpts struct {
 	rec  []metric.RecordOption // first set, for histograms and gauges
 	add  []metric.AddOption    // first set, for counters
 	add2 []metric.AddOption    // second set, for counters
+	obs  []metric.ObserveOption // first set, for observed instruments
 }
 
 // setCache maps a label combination to its options. Reads are lock-free and
@@ -363,6 +379,7 @@ func (c *setCache[K]) put(k K, sets [2]attribute.Set) *setOpts {
 		rec:  []metric.RecordOption{first},
 		add:  []metric.AddOption{first},
 		add2: []metric.AddOption{second},
+		obs:  []metric.ObserveOption{first},
 	}
 	var next map[K]*setOpts
 	if old == nil {

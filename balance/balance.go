@@ -63,6 +63,7 @@ const (
 	BreakerHalfOpen
 )
 
+// String is the state as /upstreams and traces show it: closed, open or half-open.
 func (s BreakerState) String() string {
 	switch s {
 	case BreakerOpen:
@@ -307,7 +308,9 @@ type FieldError struct {
 	Err   error
 }
 
+// Error names the field and the problem.
 func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+// Unwrap returns the problem without the field name.
 func (e *FieldError) Unwrap() error { return e.Err }
 
 // Builder makes a Policy from config; it returns *FieldError for bad values.

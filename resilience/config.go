@@ -193,7 +193,10 @@ type FieldError struct {
 	Err error
 }
 
+// Error names the key and the problem.
 func (e *FieldError) Error() string { return e.Key + ": " + e.Err.Error() }
+
+// Unwrap returns the problem without the key.
 func (e *FieldError) Unwrap() error { return e.Err }
 
 func fieldErr(key, format string, args ...any) error {

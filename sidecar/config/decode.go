@@ -19,6 +19,7 @@ type Error struct {
 	Msg string
 }
 
+// Error formats the problem as FILE:LINE: KEY: MESSAGE.
 func (e *Error) Error() string {
 	var b strings.Builder
 	if e.File != "" {
@@ -43,6 +44,7 @@ func (e *Error) Error() string {
 // Errors is every problem found in one file. It implements error.
 type Errors []*Error
 
+// Error lists every problem, one per line.
 func (es Errors) Error() string {
 	parts := make([]string, len(es))
 	for i, e := range es {

@@ -310,6 +310,7 @@ type FieldError struct {
 
 // Error names the field and the problem.
 func (e *FieldError) Error() string { return e.Field + ": " + e.Err.Error() }
+
 // Unwrap returns the problem without the field name.
 func (e *FieldError) Unwrap() error { return e.Err }
 

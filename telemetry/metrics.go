@@ -46,13 +46,13 @@ var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5,
 // combination has been seen; the cache keeps every combination for the life
 // of the process, like the Prometheus series it feeds.
 type Metrics struct {
-	clientDur          metric.Float64Histogram
-	serverDur          metric.Float64Histogram
-	requests           metric.Int64Counter
-	inFlight           metric.Int64ObservableUpDownCounter
+	clientDur metric.Float64Histogram
+	serverDur metric.Float64Histogram
+	requests  metric.Int64Counter
+	inFlight  metric.Int64ObservableUpDownCounter
 	// inFlightBy holds an *atomic.Int64 per upstream, read at collection
 	// time, so that the hot path pays an atomic add instead of a metric record.
-	inFlightBy sync.Map
+	inFlightBy         sync.Map
 	retries            metric.Int64Counter
 	breakerTransitions metric.Int64Counter
 	breakerState       metric.Int64Gauge
@@ -343,9 +343,9 @@ func (m *Metrics) DiscoveryStale(upstream string, stale bool) {
 
 // setOpts are the pre-built measurement options for one label combination.
 type setOpts struct {
-	rec  []metric.RecordOption // first set, for histograms and gauges
-	add  []metric.AddOption    // first set, for counters
-	add2 []metric.AddOption    // second set, for counters
+	rec  []metric.RecordOption  // first set, for histograms and gauges
+	add  []metric.AddOption     // first set, for counters
+	add2 []metric.AddOption     // second set, for counters
 	obs  []metric.ObserveOption // first set, for observed instruments
 }
 

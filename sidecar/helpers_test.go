@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"regexp"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -44,9 +45,6 @@ func (b *backend) addr() string { return strings.TrimPrefix(b.URL, "http://") }
 // start runs a sidecar on loopback with the given YAML (listen addresses default to :0).
 func start(t testing.TB, yaml string) *Sidecar {
 	t.Helper()
-	if !strings.Contains(yaml, "listen:") {
-		yaml = "listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}\n" + yaml
-	}
 	cfg, err := parseConfig(yaml)
 	if err != nil {
 		t.Fatalf("config:\n%v", err)
@@ -113,8 +111,13 @@ func contextWithTimeout(d time.Duration) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), d)
 }
 
+// topListen finds a top-level listen section.
+var topListen = regexp.MustCompile(`(?m)^listen:`)
+
+// parseConfig parses a test config, binding the sidecar's own listeners to
+// free loopback ports unless the config has a listen section of its own.
 func parseConfig(yaml string) (*config.Config, error) {
-	if !strings.Contains(yaml, "listen:") {
+	if !topListen.MatchString(yaml) {
 		yaml = "listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}\n" + yaml
 	}
 	return config.Parse("test.yaml", []byte(yaml))

@@ -471,3 +471,32 @@ func TestH2CUpstreamWithTrailers(t *testing.T) {
 		t.Fatal("backend was not spoken to over HTTP/2")
 	}
 }
+
+// Plain HTTP/1.1 exchanges must take the synchronous client; requests that
+// need net/http (here one announcing trailers) must not.
+func TestPlainRequestsTakeTheFastClient(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	fast := s.lookup("p").settings.Load().transport.fast
+	if fast == nil {
+		t.Fatal("no fast client for a plain HTTP/1.1 upstream")
+	}
+	resp, err := proxyClient(s).Get("http://p/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	if n := fast.Idle(b.addr()); n != 1 {
+		t.Fatalf("after a plain GET the fast client pools %d connections, want 1", n)
+	}
+	req, _ := http.NewRequest("GET", "http://p/", nil)
+	req.Header.Set("TE", "trailers")
+	resp, err = proxyClient(s).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	if n := fast.Idle(b.addr()); n != 1 {
+		t.Fatalf("a request announcing trailers went through the fast client (%d idle)", n)
+	}
+}

@@ -795,3 +795,16 @@ func (b *body) Close() error {
 	b.end(false)
 	return nil
 }
+
+// Idle reports how many pooled idle connections there are to addr.
+func (t *Transport) Idle(addr string) int {
+	t.mu.Lock()
+	p := t.pools[addr]
+	t.mu.Unlock()
+	if p == nil {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.idle)
+}

@@ -92,7 +92,8 @@ func (s *Sidecar) startConsul(cfg *config.Config) error {
 }
 
 // registration describes the local app for Consul: at the inbound listener
-// when there is one (the address Consul peers should call), else the app's own.
+// when there is one (the address Consul peers should call), else the app's
+// own; the default health check is a TCP connect to the app.
 func (s *Sidecar) registration(cfg *config.Config) (consul.Registration, error) {
 	sv := cfg.Service
 	addr := sv.RegisterAddress
@@ -108,12 +109,13 @@ func (s *Sidecar) registration(cfg *config.Config) (consul.Registration, error) 
 		return consul.Registration{}, fmt.Errorf("service registration address %q: %w", addr, err)
 	}
 	port, _ := strconv.Atoi(portStr)
-	checkAddr := addr
 	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		// 0.0.0.0: let Consul use the node's address, and check on loopback.
+		// 0.0.0.0: let Consul use the node's address.
 		host = ""
-		checkAddr = net.JoinHostPort("127.0.0.1", portStr)
 	}
+	// The default check probes the app itself: the inbound listener stays up
+	// when the app dies, so checking it would keep a dead app registered.
+	checkAddr := net.JoinHostPort(sv.Address, strconv.Itoa(sv.Port))
 	id := sv.ID
 	if id == "" {
 		hn, _ := os.Hostname()

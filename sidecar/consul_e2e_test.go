@@ -351,6 +351,14 @@ discovery: {consul: {address: %s}}
 		t.Fatalf("inbound: want the app's answer, have %q", body)
 	}
 
+	// The check probes the app, not meshd's inbound listener: a dead app
+	// goes critical although the listener is still up.
+	app.Close()
+	waitFor(t, "the check to fail once the app is gone", func() bool {
+		entries, _, err := cl.Health().Service("orders", "", true, nil)
+		return err == nil && len(entries) == 0
+	})
+
 	// The agent restarts and forgets: meshd registers again.
 	c.Stop()
 	c.Start()

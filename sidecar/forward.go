@@ -296,7 +296,7 @@ func (ex *exchange) retry(span trace.Span, g *resilience.Guard, o resilience.Out
 // the request's budget ends first.
 func (ex *exchange) retryDecided(span trace.Span, g *resilience.Guard, cause string) bool {
 	wait := g.Backoff(ex.tries)
-	telemetry.Retrying(span, ex.tries, cause, wait)
+	telemetry.Retrying(span, ex.tries+1, cause, wait)
 	metricsOf(ex.s.tel).Retry(ex.u.name, cause)
 	if wait <= 0 {
 		return true
@@ -723,7 +723,7 @@ func firstForwarded(h http.Header) (netip.Addr, bool) {
 // when the app did not.
 func setForwarded(h http.Header, r *http.Request, peer netip.Addr) {
 	if peer.IsValid() {
-		ip := peer.String()
+		ip := peerHost(r.RemoteAddr)
 		if prior := r.Header["X-Forwarded-For"]; len(prior) > 0 {
 			ip = strings.Join(prior, ", ") + ", " + ip
 		}
@@ -731,11 +731,29 @@ func setForwarded(h http.Header, r *http.Request, peer netip.Addr) {
 	}
 	if _, ok := h["X-Forwarded-Proto"]; !ok {
 		if r.TLS != nil {
-			h["X-Forwarded-Proto"] = []string{"https"}
+			h["X-Forwarded-Proto"] = protoHTTPS
 		} else {
-			h["X-Forwarded-Proto"] = []string{"http"}
+			h["X-Forwarded-Proto"] = protoHTTP
 		}
 	}
+}
+
+// Shared, never modified: header values are not written in place.
+var (
+	protoHTTP  = []string{"http"}
+	protoHTTPS = []string{"https"}
+)
+
+// peerHost is the host part of a RemoteAddr ("127.0.0.1" of
+// "127.0.0.1:5000", "::1" of "[::1]:5000") without allocating.
+func peerHost(addr string) string {
+	if i := strings.LastIndexByte(addr, ':'); i > 0 {
+		addr = addr[:i]
+	}
+	if len(addr) > 1 && addr[0] == '[' && addr[len(addr)-1] == ']' {
+		addr = addr[1 : len(addr)-1]
+	}
+	return addr
 }
 
 func isDialError(err error) bool {

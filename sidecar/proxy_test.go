@@ -514,3 +514,19 @@ func TestPlainRequestsTakeTheFastClient(t *testing.T) {
 		t.Fatalf("a request announcing trailers did not go through net/http: backend saw %d connections, want 2", conns.Load())
 	}
 }
+
+// The inbound proxy sends each request to the app once: callers' sidecars
+// retry, so retrying here too would multiply the load on a struggling app.
+func TestInboundDoesNotRetry(t *testing.T) {
+	app := newBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "busy", 503) })
+	_, port, _ := net.SplitHostPort(app.addr())
+	s := start(t, fmt.Sprintf("listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0, inbound: 127.0.0.1:0}\nservice: {name: orders, port: %s}\n", port))
+	resp, err := http.Get("http://" + s.Addr("inbound") + "/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	if resp.StatusCode != 503 || app.hits.Load() != 1 {
+		t.Fatalf("want the app's 503 after exactly one try, have %d after %d tries", resp.StatusCode, app.hits.Load())
+	}
+}

@@ -61,6 +61,24 @@ type listener struct {
 	srv  *http.Server
 	// fixed is the upstream of a dedicated listener.
 	fixed atomic.Pointer[string]
+	// fast serves plain HTTP/1.1 itself on proxy listeners (nil: net/http only).
+	fast *fastServer
+}
+
+// shutdown drains the listener's connections until ctx ends.
+func (l *listener) shutdown(ctx context.Context) error {
+	if l.fast != nil {
+		return l.fast.shutdown(ctx)
+	}
+	return l.srv.Shutdown(ctx)
+}
+
+// close drops every connection at once.
+func (l *listener) close() {
+	if l.fast != nil {
+		l.fast.closeAll()
+	}
+	l.srv.Close()
 }
 
 // New returns a sidecar for cfg that has not bound anything yet. log and tel
@@ -251,11 +269,20 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 			l.fixed.Store(&name)
 		}
 		l.srv = s.newServer(cfg, l)
+		if ph, ok := l.srv.Handler.(*proxyHandler); ok && cfg.Proxy.FastPathOn() {
+			l.fast = newFastServer(s, l, ph)
+		}
 		s.listeners[l.key] = l
 		s.bg.Add(1)
 		go func(l *listener) {
 			defer s.bg.Done()
-			if err := l.srv.Serve(l.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			var err error
+			if l.fast != nil {
+				err = l.fast.serve()
+			} else {
+				err = l.srv.Serve(l.ln)
+			}
+			if err != nil && !errors.Is(err, http.ErrServerClosed) {
 				s.log.Error("listener stopped", "listener", l.key, "addr", l.ln.Addr().String(), "err", err)
 			}
 		}(l)
@@ -267,9 +294,9 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 func (s *Sidecar) closeListener(l *listener, drain time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), drain)
 	defer cancel()
-	if err := l.srv.Shutdown(ctx); err != nil {
+	if err := l.shutdown(ctx); err != nil {
 		s.log.Warn("listener drain cut short", "listener", l.key, "err", err)
-		l.srv.Close()
+		l.close()
 	}
 }
 
@@ -375,9 +402,9 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		wg.Add(1)
 		go func(l *listener) {
 			defer wg.Done()
-			if err := l.srv.Shutdown(ctx); err != nil {
+			if err := l.shutdown(ctx); err != nil {
 				cut.Store(true)
-				l.srv.Close()
+				l.close()
 			}
 		}(l)
 	}

@@ -191,9 +191,11 @@ func (u *upstream) stop() {
 	}
 }
 
-// inboundSettings are the transport settings toward the local app.
+// inboundSettings are the settings toward the local app. Retries are off:
+// the callers' sidecars already retry, and the app is a single instance, so
+// retrying here would only multiply the load on it.
 func inboundSettings() config.Upstream {
-	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost}
+	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost, Retry: config.Retry{Disabled: true}}
 }
 
 // newUpstream makes an upstream whose pool hands every new instance to a

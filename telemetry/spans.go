@@ -279,8 +279,9 @@ func BreakerRejected(span trace.Span, instanceID, state string) {
 }
 
 // Retrying records on span that attempt number attempt (2 for the first
-// retry) will be made after backoff because of cause (for example "503",
-// "timeout", "connect").
+// retry) will be made after backoff because of cause, the retry.on
+// condition that allowed it (for example "503", "timeout",
+// "connect-failure").
 func Retrying(span trace.Span, attempt int, cause string, backoff time.Duration) {
 	if !span.IsRecording() {
 		return

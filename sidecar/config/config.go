@@ -245,6 +245,9 @@ type Proxy struct {
 	Drain time.Duration `yaml:"drain"`
 	// AllowConnect enables CONNECT tunnels to upstreams; default true.
 	AllowConnect *bool `yaml:"allow_connect"`
+	// FastPath serves plain HTTP/1.1 on proxy listeners with meshd's own
+	// server loop instead of net/http's; default true.
+	FastPath *bool `yaml:"fast_path"`
 }
 
 // Telemetry configures traces and metrics; OTEL_* variables also apply.
@@ -441,6 +444,9 @@ func DefaultUpstream(source string) Upstream {
 
 // XForwarded reports whether X-Forwarded-* headers are set.
 func (p Proxy) XForwardedOn() bool { return p.XForwarded == nil || *p.XForwarded }
+
+// FastPathOn reports whether proxy listeners use meshd's own HTTP/1.1 loop.
+func (p Proxy) FastPathOn() bool { return p.FastPath == nil || *p.FastPath }
 
 // ConnectOn reports whether CONNECT tunnels are allowed.
 func (p Proxy) ConnectOn() bool { return p.AllowConnect == nil || *p.AllowConnect }

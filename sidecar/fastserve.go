@@ -1,0 +1,814 @@
+package sidecar
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/textproto"
+	"net/url"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// fastServer serves a proxy listener's plain HTTP/1.1 traffic itself and
+// hands every other connection to net/http.
+//
+// net/http's server parses each request into a general-purpose structure and
+// runs a background read per request; for a proxy that only forwards, that
+// is a large share of the CPU per request. fastServer reads the request head
+// from the connection's buffer, builds the *http.Request forward needs and
+// writes the response directly. Anything it does not handle itself (an h2c
+// preface, CONNECT, upgrades, Expect, TE, HTTP/1.0, a head it cannot parse or
+// one over the size limit) is handed to net/http together with the bytes
+// already read, so those requests get exactly net/http's behaviour,
+// including its 400 and 431 answers.
+//
+// One difference remains: net/http notices a client that disconnects while
+// its request waits on the upstream; the fast path notices when it writes
+// the response. Waits are bounded by the upstream's timeouts.
+type fastServer struct {
+	s       *Sidecar
+	l       *listener
+	handler http.Handler
+	handoff *handoffListener
+
+	mu       sync.Mutex
+	conns    map[*fastConn]struct{}
+	closing  atomic.Bool
+	wg       sync.WaitGroup
+	served   chan struct{} // closed when the accept loop ends
+	nextConn atomic.Uint64
+}
+
+// fastConn states.
+const (
+	connIdle int32 = iota
+	connActive
+	connClosed
+)
+
+type fastConn struct {
+	nc     net.Conn
+	state  atomic.Int32
+	remote string
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func newFastServer(s *Sidecar, l *listener, h http.Handler) *fastServer {
+	return &fastServer{
+		s: s, l: l, handler: h,
+		handoff: newHandoffListener(l.ln.Addr()),
+		conns:   map[*fastConn]struct{}{},
+		served:  make(chan struct{}),
+	}
+}
+
+// serve accepts until the listener closes. net/http serves the connections
+// handed to it on the side.
+func (f *fastServer) serve() error {
+	defer close(f.served)
+	go f.l.srv.Serve(f.handoff)
+	var delay time.Duration
+	for {
+		nc, err := f.l.ln.Accept()
+		if err != nil {
+			if f.closing.Load() || errors.Is(err, net.ErrClosed) {
+				return http.ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				time.Sleep(delay)
+				continue
+			}
+			return err
+		}
+		delay = 0
+		c := &fastConn{nc: nc, remote: nc.RemoteAddr().String()}
+		c.ctx, c.cancel = context.WithCancel(context.Background())
+		f.mu.Lock()
+		if f.closing.Load() {
+			f.mu.Unlock()
+			nc.Close()
+			continue
+		}
+		f.conns[c] = struct{}{}
+		f.wg.Add(1)
+		f.mu.Unlock()
+		go f.serveConn(c)
+	}
+}
+
+var (
+	fastReaders = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4<<10) }}
+	fastWriters = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 8<<10) }}
+)
+
+func (f *fastServer) forget(c *fastConn) {
+	f.mu.Lock()
+	delete(f.conns, c)
+	f.mu.Unlock()
+	c.cancel()
+	f.wg.Done()
+}
+
+func (f *fastServer) serveConn(c *fastConn) {
+	br := fastReaders.Get().(*bufio.Reader)
+	br.Reset(c.nc)
+	bw := fastWriters.Get().(*bufio.Writer)
+	bw.Reset(c.nc)
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			c.nc.Close()
+		}
+		br.Reset(nil)
+		fastReaders.Put(br)
+		bw.Reset(nil)
+		fastWriters.Put(bw)
+		f.forget(c)
+	}()
+	w := &fastWriter{bw: bw}
+	var raw []byte
+	for {
+		cfg := f.s.cfg.Load()
+		// Wait for the next request as an idle connection.
+		c.nc.SetReadDeadline(time.Now().Add(cfg.Proxy.IdleTimeout))
+		if _, err := br.Peek(1); err != nil {
+			return
+		}
+		if !c.state.CompareAndSwap(connIdle, connActive) {
+			return // closed by a shutdown
+		}
+		c.nc.SetReadDeadline(time.Now().Add(cfg.Proxy.ReadHeaderTimeout))
+		raw = raw[:0]
+		req, ok, err := readHead(br, &raw, cfg.Proxy.MaxHeaderBytes)
+		if err != nil {
+			return // timed out or the client went away mid-head
+		}
+		if !ok {
+			handedOff = f.handOff(c, raw, br)
+			return
+		}
+		c.nc.SetReadDeadline(time.Time{})
+		req.RemoteAddr = c.remote
+		req = req.WithContext(c.ctx)
+		body, _ := req.Body.(*fastBody)
+		w.reset(req)
+		watch := watchClient(c, br, body)
+		ok = f.call(w, req)
+		if !watch.stop(br) || !ok {
+			return
+		}
+		if err := w.finish(); err != nil {
+			return
+		}
+		if w.closeAfter || f.closing.Load() {
+			return
+		}
+		if body != nil && !body.drain() {
+			return
+		}
+		if !c.state.CompareAndSwap(connActive, connIdle) {
+			return
+		}
+	}
+}
+
+// clientWatchDelay is how long a request runs before meshd starts watching
+// its connection for the client going away; quicker requests never pay for it.
+const clientWatchDelay = 25 * time.Millisecond
+
+// clientWatch notices a client that closes its connection while its request
+// is still being served, and cancels the request. It reads one byte from the
+// connection on a goroutine of its own, started only for slow requests whose
+// body has been read and after which nothing is buffered.
+type clientWatch struct {
+	c     *fastConn
+	timer *time.Timer
+	mu    sync.Mutex
+	state int // 0 waiting, 1 reading, 2 stopped
+	done  chan struct{}
+	b     [1]byte
+	n     int
+	err   error
+}
+
+func watchClient(c *fastConn, br *bufio.Reader, body *fastBody) *clientWatch {
+	w := &clientWatch{c: c}
+	w.timer = time.AfterFunc(clientWatchDelay, func() {
+		w.mu.Lock()
+		if w.state != 0 || (body != nil && !body.finished.Load()) || br.Buffered() > 0 {
+			w.mu.Unlock()
+			return
+		}
+		w.state = 1
+		w.done = make(chan struct{})
+		w.mu.Unlock()
+		w.n, w.err = c.nc.Read(w.b[:])
+		var ne net.Error
+		if w.n == 0 && w.err != nil && !(errors.As(w.err, &ne) && ne.Timeout()) {
+			c.cancel() // the client went away: cancel its request
+		}
+		close(w.done)
+	})
+	return w
+}
+
+// stop ends the watch after the handler returned. A byte the client already
+// sent (its next request) is put back in front of br. false means the
+// connection is unusable.
+func (w *clientWatch) stop(br *bufio.Reader) bool {
+	w.mu.Lock()
+	if w.state == 0 {
+		w.state = 2
+		w.mu.Unlock()
+		w.timer.Stop()
+		return true
+	}
+	w.mu.Unlock()
+	w.c.nc.SetReadDeadline(aLongTimeAgo)
+	<-w.done
+	w.c.nc.SetReadDeadline(time.Time{})
+	if w.n == 1 {
+		br.Reset(&replayConn{Conn: w.c.nc, prefix: []byte{w.b[0]}})
+		return true
+	}
+	var ne net.Error
+	return w.err == nil || errors.As(w.err, &ne) && ne.Timeout()
+}
+
+var aLongTimeAgo = time.Unix(1, 0)
+
+// call runs the handler; false when it aborted the response.
+func (f *fastServer) call(w *fastWriter, r *http.Request) (ok bool) {
+	defer func() {
+		if p := recover(); p != nil {
+			if p != http.ErrAbortHandler {
+				f.s.log.Error("panic serving a request", "listener", f.l.key, "panic", p)
+			}
+			ok = false
+		}
+	}()
+	f.handler.ServeHTTP(w, r)
+	return true
+}
+
+// handOff gives the connection to net/http, replaying what was read.
+func (f *fastServer) handOff(c *fastConn, raw []byte, br *bufio.Reader) bool {
+	buffered, _ := br.Peek(br.Buffered())
+	prefix := make([]byte, 0, len(raw)+len(buffered))
+	prefix = append(append(prefix, raw...), buffered...)
+	c.nc.SetReadDeadline(time.Time{})
+	return f.handoff.give(&replayConn{Conn: c.nc, prefix: prefix})
+}
+
+// shutdown stops accepting, closes idle connections as they become idle and
+// waits for active ones, until ctx ends; then drains what net/http holds.
+func (f *fastServer) shutdown(ctx context.Context) error {
+	f.closing.Store(true)
+	f.l.ln.Close()
+	<-f.served
+	done := make(chan struct{})
+	go func() { f.wg.Wait(); close(done) }()
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	var err error
+	for waiting := true; waiting; {
+		f.closeIdle()
+		select {
+		case <-done:
+			waiting = false
+		case <-ctx.Done():
+			f.closeAll()
+			<-done
+			err = ctx.Err()
+			waiting = false
+		case <-tick.C:
+		}
+	}
+	if herr := f.l.srv.Shutdown(ctx); herr != nil && err == nil {
+		err = herr
+	}
+	return err
+}
+
+func (f *fastServer) closeIdle() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for c := range f.conns {
+		if c.state.CompareAndSwap(connIdle, connClosed) {
+			c.nc.Close()
+		}
+	}
+}
+
+func (f *fastServer) closeAll() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for c := range f.conns {
+		c.state.Store(connClosed)
+		c.nc.Close()
+	}
+}
+
+// readHead parses one request head. ok is false when the request must go to
+// net/http; raw then holds every byte consumed, for replay.
+func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool, error) {
+	line, err := br.ReadSlice('\n')
+	*raw = append(*raw, line...)
+	if err != nil {
+		if errors.Is(err, bufio.ErrBufferFull) {
+			return nil, false, nil
+		}
+		return nil, false, err
+	}
+	size := len(line)
+	l := trimCRLF(line)
+	sp1 := bytes.IndexByte(l, ' ')
+	sp2 := bytes.LastIndexByte(l, ' ')
+	if sp1 <= 0 || sp2 <= sp1+1 || string(l[sp2+1:]) != "HTTP/1.1" {
+		return nil, false, nil // HTTP/1.0, an h2c preface, or something net/http should judge
+	}
+	method := internMethod(l[:sp1])
+	target := l[sp1+1 : sp2]
+	if method == "" || method == http.MethodConnect || target[0] == '*' {
+		return nil, false, nil
+	}
+	r := &http.Request{Method: method, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Header: make(http.Header, 8)}
+	r.RequestURI = string(target)
+	if r.URL, err = url.ParseRequestURI(r.RequestURI); err != nil {
+		return nil, false, nil
+	}
+	var cl, te int
+	for {
+		line, err := br.ReadSlice('\n')
+		*raw = append(*raw, line...)
+		if err != nil {
+			if errors.Is(err, bufio.ErrBufferFull) {
+				return nil, false, nil
+			}
+			return nil, false, err
+		}
+		if size += len(line); size > maxHeader {
+			return nil, false, nil
+		}
+		l := trimCRLF(line)
+		if len(l) == 0 {
+			break
+		}
+		i := bytes.IndexByte(l, ':')
+		if i <= 0 || l[0] == ' ' || l[0] == '\t' || bytes.IndexByte(l[:i], ' ') >= 0 {
+			return nil, false, nil // obsolete folding or a malformed name: net/http answers
+		}
+		key, known := requestKeys[string(l[:i])]
+		if !known {
+			if !validFieldName(l[:i]) {
+				return nil, false, nil
+			}
+			key = textproto.CanonicalMIMEHeaderKey(string(l[:i]))
+		}
+		v := string(bytes.TrimSpace(l[i+1:]))
+		switch key {
+		case "Host":
+			if r.Host != "" {
+				return nil, false, nil
+			}
+			r.Host = v
+			continue
+		case "Content-Length":
+			cl++
+		case "Transfer-Encoding":
+			te++
+		case "Upgrade", "Expect", "Te":
+			return nil, false, nil
+		}
+		r.Header[key] = append(r.Header[key], v)
+	}
+	if r.Host == "" && r.URL.Host == "" {
+		return nil, false, nil
+	}
+	if r.URL.Host != "" {
+		r.Host = r.URL.Host
+	}
+	switch {
+	case te > 0:
+		if te > 1 || cl > 0 || r.Header.Get("Transfer-Encoding") != "chunked" {
+			return nil, false, nil
+		}
+		delete(r.Header, "Transfer-Encoding")
+		r.TransferEncoding = []string{"chunked"}
+		r.ContentLength = -1
+		r.Body = &fastBody{r: httputil.NewChunkedReader(br), br: br, chunked: true}
+	case cl > 0:
+		n, err := strconv.ParseInt(r.Header.Get("Content-Length"), 10, 64)
+		if cl > 1 || err != nil || n < 0 {
+			return nil, false, nil
+		}
+		r.ContentLength = n
+		if n == 0 {
+			r.Body = http.NoBody
+		} else {
+			r.Body = &fastBody{r: io.LimitReader(br, n), br: br}
+		}
+	default:
+		r.Body = http.NoBody
+	}
+	for _, v := range r.Header["Connection"] {
+		if containsToken(v, "close") {
+			r.Close = true
+		}
+	}
+	return r, true, nil
+}
+
+func trimCRLF(b []byte) []byte {
+	if n := len(b); n > 0 && b[n-1] == '\n' {
+		b = b[:n-1]
+		if n := len(b); n > 0 && b[n-1] == '\r' {
+			b = b[:n-1]
+		}
+	}
+	return b
+}
+
+func internMethod(b []byte) string {
+	switch string(b) {
+	case "GET":
+		return http.MethodGet
+	case "POST":
+		return http.MethodPost
+	case "PUT":
+		return http.MethodPut
+	case "DELETE":
+		return http.MethodDelete
+	case "HEAD":
+		return http.MethodHead
+	case "PATCH":
+		return http.MethodPatch
+	case "OPTIONS":
+		return http.MethodOptions
+	case "CONNECT":
+		return http.MethodConnect
+	}
+	if !validFieldName(b) {
+		return ""
+	}
+	return string(b)
+}
+
+// validFieldName reports whether b is an RFC 9110 token.
+func validFieldName(b []byte) bool {
+	for _, c := range b {
+		if c <= ' ' || c >= 0x7f || bytes.IndexByte([]byte(`"(),/:;<=>?@[\]{}`), c) >= 0 {
+			return false
+		}
+	}
+	return len(b) > 0
+}
+
+func containsToken(v, tok string) bool {
+	for _, f := range bytes.Split([]byte(v), []byte(",")) {
+		if bytes.EqualFold(bytes.TrimSpace(f), []byte(tok)) {
+			return true
+		}
+	}
+	return false
+}
+
+// requestKeys interns the canonical form of frequent request header names.
+var requestKeys = func() map[string]string {
+	m := map[string]string{}
+	for _, k := range []string{
+		"Host", "User-Agent", "Accept", "Accept-Encoding", "Accept-Language", "Authorization",
+		"Cache-Control", "Connection", "Content-Length", "Content-Type", "Cookie", "Keep-Alive",
+		"Origin", "Pragma", "Proxy-Connection", "Proxy-Authorization", "Referer", "Te", "Transfer-Encoding",
+		"Upgrade", "Expect", "X-Forwarded-For", "X-Forwarded-Proto", "X-Request-Id", "X-Meshd-Timeout",
+		"Traceparent", "Tracestate", "Baggage", "If-None-Match", "If-Modified-Since",
+	} {
+		m[k] = k
+		m[textproto.CanonicalMIMEHeaderKey(k)] = k
+		lower := []byte(k)
+		for i, c := range lower {
+			if 'A' <= c && c <= 'Z' {
+				lower[i] = c + 'a' - 'A'
+			}
+		}
+		m[string(lower)] = k
+	}
+	return m
+}()
+
+// fastBody is a request body read straight from the connection's buffer.
+type fastBody struct {
+	r        io.Reader
+	br       *bufio.Reader
+	chunked  bool
+	done     bool
+	err      error
+	finished atomic.Bool // done, readable from the client watch
+}
+
+func (b *fastBody) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, io.EOF
+	}
+	if b.err != nil {
+		return 0, b.err
+	}
+	n, err := b.r.Read(p)
+	if err == io.EOF {
+		if b.chunked {
+			// The trailer section follows the last chunk.
+			for {
+				line, lerr := b.br.ReadSlice('\n')
+				if lerr != nil {
+					b.err = io.ErrUnexpectedEOF
+					return n, b.err
+				}
+				if len(trimCRLF(line)) == 0 {
+					break
+				}
+			}
+		} else if lr, ok := b.r.(*io.LimitedReader); ok && lr.N > 0 {
+			b.err = io.ErrUnexpectedEOF
+			return n, b.err
+		}
+		b.done = true
+		b.finished.Store(true)
+		return n, io.EOF
+	}
+	if err != nil {
+		b.err = err
+	} else if lr, ok := b.r.(*io.LimitedReader); ok && lr.N == 0 {
+		b.done = true
+		b.finished.Store(true)
+	}
+	return n, err
+}
+
+// Close leaves the rest of the body for drain.
+func (b *fastBody) Close() error { return nil }
+
+// drain reads what the handler left of the body so that the connection can
+// carry the next request; false when that is too much or fails.
+func (b *fastBody) drain() bool {
+	if b.done {
+		return true
+	}
+	if b.err != nil {
+		return false
+	}
+	n, _ := io.CopyN(io.Discard, b, 256<<10)
+	return b.done && n < 256<<10
+}
+
+// fastWriter is the http.ResponseWriter of the fast path. Small answers
+// without a Content-Length get one; larger or flushed ones are chunked.
+type fastWriter struct {
+	bw          *bufio.Writer
+	header      http.Header
+	req         *http.Request
+	status      int
+	wroteHeader bool
+	committed   bool
+	chunked     bool
+	noBody      bool
+	closeAfter  bool
+	declared    int64 // Content-Length set by the handler, -1 if none
+	written     int64
+	buf         []byte
+	num         []byte
+}
+
+const fastBufferLimit = 4 << 10
+
+func (w *fastWriter) reset(r *http.Request) {
+	if w.header == nil {
+		w.header = make(http.Header, 8)
+	} else {
+		clear(w.header)
+	}
+	w.req, w.status, w.wroteHeader, w.committed, w.chunked = r, 0, false, false, false
+	w.closeAfter, w.declared, w.written, w.buf = r.Close, -1, 0, w.buf[:0]
+	w.noBody = r.Method == http.MethodHead
+}
+
+func (w *fastWriter) Header() http.Header { return w.header }
+
+func (w *fastWriter) WriteHeader(code int) {
+	if w.wroteHeader || code < 200 {
+		return
+	}
+	w.wroteHeader, w.status = true, code
+	if code == http.StatusNoContent || code == http.StatusNotModified {
+		w.noBody = true
+	}
+	if v := w.header["Content-Length"]; len(v) == 1 {
+		if n, err := strconv.ParseInt(v[0], 10, 64); err == nil && n >= 0 {
+			w.declared = n
+		}
+	}
+}
+
+func (w *fastWriter) Write(p []byte) (int, error) {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if w.noBody {
+		return len(p), nil
+	}
+	if w.declared >= 0 && w.written+int64(len(p)) > w.declared {
+		return 0, http.ErrContentLength
+	}
+	w.written += int64(len(p))
+	if !w.committed {
+		if w.declared >= 0 || len(w.buf)+len(p) > fastBufferLimit {
+			if err := w.commit(); err != nil {
+				return 0, err
+			}
+		} else {
+			w.buf = append(w.buf, p...)
+			return len(p), nil
+		}
+	}
+	return w.writeBody(p)
+}
+
+func (w *fastWriter) writeBody(p []byte) (int, error) {
+	if !w.chunked {
+		return w.bw.Write(p)
+	}
+	w.num = strconv.AppendInt(w.num[:0], int64(len(p)), 16)
+	w.bw.Write(w.num)
+	w.bw.WriteString("\r\n")
+	w.bw.Write(p)
+	if _, err := w.bw.WriteString("\r\n"); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Flush sends what is buffered, committing to chunked framing when no
+// length was given.
+func (w *fastWriter) Flush() {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !w.committed {
+		w.commit()
+	}
+	w.bw.Flush()
+}
+
+// commit writes the status line and headers, then any buffered body.
+func (w *fastWriter) commit() error {
+	w.committed = true
+	bw := w.bw
+	bw.WriteString("HTTP/1.1 ")
+	if st := statusLine(w.status); st != "" {
+		bw.WriteString(st)
+	} else {
+		w.num = strconv.AppendInt(w.num[:0], int64(w.status), 10)
+		bw.Write(w.num)
+		bw.WriteString(" status")
+	}
+	bw.WriteString("\r\n")
+	for k, vv := range w.header {
+		if k == "Transfer-Encoding" || k == "Connection" || k == "Content-Length" || len(k) > 0 && k[0] == 'T' && len(k) > len(http.TrailerPrefix) && k[:len(http.TrailerPrefix)] == http.TrailerPrefix {
+			continue
+		}
+		for _, v := range vv {
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	switch {
+	case w.declared >= 0:
+		bw.WriteString("Content-Length: ")
+		w.num = strconv.AppendInt(w.num[:0], w.declared, 10)
+		bw.Write(w.num)
+		bw.WriteString("\r\n")
+	case w.noBody:
+		if w.status != http.StatusNoContent && w.status != http.StatusNotModified && w.req.Method != http.MethodHead {
+			bw.WriteString("Content-Length: 0\r\n")
+		}
+	default:
+		w.chunked = true
+		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	if w.closeAfter {
+		bw.WriteString("Connection: close\r\n")
+	}
+	bw.WriteString("\r\n")
+	if len(w.buf) > 0 {
+		b := w.buf
+		w.buf = w.buf[:0]
+		if _, err := w.writeBody(b); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// finish completes the response after the handler returned.
+func (w *fastWriter) finish() error {
+	if !w.wroteHeader {
+		w.WriteHeader(http.StatusOK)
+	}
+	if !w.committed {
+		if w.declared < 0 && !w.noBody {
+			w.declared = int64(len(w.buf))
+		}
+		if err := w.commit(); err != nil {
+			return err
+		}
+	}
+	if w.chunked {
+		w.bw.WriteString("0\r\n\r\n")
+	} else if w.declared >= 0 && w.written != w.declared && !w.noBody {
+		// A short body cannot be framed: the client learns by the close.
+		w.bw.Flush()
+		return io.ErrShortWrite
+	}
+	return w.bw.Flush()
+}
+
+var statusLines = func() []string {
+	out := make([]string, 600)
+	for code := 100; code < 600; code++ {
+		if t := http.StatusText(code); t != "" {
+			out[code] = strconv.Itoa(code) + " " + t
+		}
+	}
+	return out
+}()
+
+func statusLine(code int) string {
+	if code >= 0 && code < len(statusLines) {
+		return statusLines[code]
+	}
+	return ""
+}
+
+// handoffListener feeds connections to a net/http server.
+type handoffListener struct {
+	addr   net.Addr
+	ch     chan net.Conn
+	once   sync.Once
+	closed chan struct{}
+}
+
+func newHandoffListener(addr net.Addr) *handoffListener {
+	return &handoffListener{addr: addr, ch: make(chan net.Conn), closed: make(chan struct{})}
+}
+
+func (h *handoffListener) give(c net.Conn) bool {
+	select {
+	case h.ch <- c:
+		return true
+	case <-h.closed:
+		return false
+	}
+}
+
+func (h *handoffListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-h.ch:
+		return c, nil
+	case <-h.closed:
+		return nil, net.ErrClosed
+	}
+}
+
+func (h *handoffListener) Close() error {
+	h.once.Do(func() { close(h.closed) })
+	return nil
+}
+
+func (h *handoffListener) Addr() net.Addr { return h.addr }
+
+// replayConn is a connection whose first reads return bytes already consumed.
+type replayConn struct {
+	net.Conn
+	prefix []byte
+}
+
+func (c *replayConn) Read(p []byte) (int, error) {
+	if len(c.prefix) > 0 {
+		n := copy(p, c.prefix)
+		c.prefix = c.prefix[n:]
+		return n, nil
+	}
+	return c.Conn.Read(p)
+}

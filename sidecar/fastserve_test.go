@@ -1,0 +1,134 @@
+package sidecar
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// rawConn talks HTTP/1.x by hand to the outbound listener.
+func rawConn(t *testing.T, s *Sidecar) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c, bufio.NewReader(c)
+}
+
+func readResp(t *testing.T, br *bufio.Reader, method string) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.ReadResponse(br, &http.Request{Method: method})
+	if err != nil {
+		t.Fatalf("reading a response: %v", err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("reading a body: %v", err)
+	}
+	return resp, string(b)
+}
+
+func TestFastPathPipeliningAndKeepAlive(t *testing.T) {
+	var n atomic.Int64
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%d %s %s %s", n.Add(1), r.Method, r.URL.Path, body)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	c, br := rawConn(t, s)
+	// Three requests written at once, one of them with a chunked body.
+	io.WriteString(c, "GET /one HTTP/1.1\r\nHost: p\r\n\r\n"+
+		"POST /two HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"+
+		"POST /three HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\n\r\nxyz")
+	for i, want := range []string{"1 GET /one ", "2 POST /two abcde", "3 POST /three xyz"} {
+		resp, body := readResp(t, br, "GET")
+		if resp.StatusCode != 200 || body != want {
+			t.Fatalf("pipelined response %d: want 200 %q, have %d %q", i, want, resp.StatusCode, body)
+		}
+	}
+	// HEAD keeps the framing of the next answer intact.
+	io.WriteString(c, "HEAD /h HTTP/1.1\r\nHost: p\r\n\r\nGET /after HTTP/1.1\r\nHost: p\r\n\r\n")
+	if resp, body := readResp(t, br, "HEAD"); resp.StatusCode != 200 || body != "" {
+		t.Fatalf("HEAD: have %d %q", resp.StatusCode, body)
+	}
+	if _, body := readResp(t, br, "GET"); !strings.HasSuffix(body, "GET /after ") {
+		t.Fatalf("after HEAD: have %q", body)
+	}
+	// Connection: close is honoured and announced.
+	io.WriteString(c, "GET /last HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n")
+	resp, _ := readResp(t, br, "GET")
+	if !resp.Close {
+		t.Fatal("response to Connection: close did not announce the close")
+	}
+	if _, err := br.ReadByte(); err != io.EOF {
+		t.Fatalf("connection not closed after Connection: close (%v)", err)
+	}
+}
+
+func TestFastPathHandsOtherRequestsToNetHTTP(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "%s %s", r.Proto, r.URL.Path) })
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	c, br := rawConn(t, s)
+	// A plain request first (fast path), then HTTP/1.0 on the same
+	// connection, which net/http takes over with the bytes already read.
+	io.WriteString(c, "GET /a HTTP/1.1\r\nHost: p\r\n\r\n")
+	if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != "HTTP/1.1 /a" {
+		t.Fatalf("first: %d %q", resp.StatusCode, body)
+	}
+	io.WriteString(c, "GET /b HTTP/1.0\r\nHost: p\r\n\r\n")
+	if resp, body := readResp(t, br, "GET"); resp.StatusCode != 200 || body != "HTTP/1.1 /b" {
+		t.Fatalf("HTTP/1.0 after a fast request: %d %q", resp.StatusCode, body)
+	}
+	// Expect: 100-continue goes to net/http, which sends the interim answer.
+	c2, br2 := rawConn(t, s)
+	io.WriteString(c2, "POST /c HTTP/1.1\r\nHost: p\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+	line, _ := br2.ReadString('\n')
+	if !strings.HasPrefix(line, "HTTP/1.1 100") {
+		t.Fatalf("Expect: 100-continue: want a 100 first, have %q", line)
+	}
+	br2.ReadString('\n')
+	io.WriteString(c2, "hi")
+	if resp, body := readResp(t, br2, "POST"); resp.StatusCode != 200 || body != "HTTP/1.1 /c" {
+		t.Fatalf("after 100-continue: %d %q", resp.StatusCode, body)
+	}
+}
+
+func TestFastPathShortUpstreamBodyAbortsTheResponse(t *testing.T) {
+	// The instance promises 10 bytes and sends 3: the client must see a
+	// broken response, never a short one presented as complete.
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				http.ReadRequest(bufio.NewReader(c))
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+				c.Close()
+			}(c)
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {retry: {disabled: true}}}\n", ln.Addr()))
+	c, br := rawConn(t, s)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		return // closed before the head: also a broken response
+	}
+	if _, err := io.ReadAll(resp.Body); err == nil {
+		t.Fatal("a short upstream body reached the client as a complete response")
+	}
+}

@@ -282,7 +282,7 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 			} else {
 				err = l.srv.Serve(l.ln)
 			}
-			if err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				s.log.Error("listener stopped", "listener", l.key, "addr", l.ln.Addr().String(), "err", err)
 			}
 		}(l)
@@ -395,6 +395,11 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 	}
 	s.draining.Store(true)
 	s.deregister(ctx)
+	// Stop accepting everywhere before saying so; the drain below then
+	// waits for the connections already open.
+	for _, l := range s.listeners {
+		l.ln.Close()
+	}
 	s.log.Info("draining", "listeners", len(s.listeners))
 	var wg sync.WaitGroup
 	var cut atomic.Bool

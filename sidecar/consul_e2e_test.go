@@ -301,23 +301,7 @@ func TestConsulACLs(t *testing.T) {
 // startUnready is start without waiting for readiness.
 func startUnready(t *testing.T, yaml string) *Sidecar {
 	t.Helper()
-	cfg, err := parseConfig(yaml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(cfg, testLogger(t), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
-	return s
+	return startUnreadyWith(t, yaml, testLogger(t))
 }
 
 func TestRegistrationLifecycle(t *testing.T) {

@@ -42,14 +42,24 @@ func newBackend(t testing.TB, name string, h http.HandlerFunc) *backend {
 
 func (b *backend) addr() string { return strings.TrimPrefix(b.URL, "http://") }
 
-// start runs a sidecar on loopback with the given YAML (listen addresses default to :0).
+// start runs a sidecar on loopback with the given YAML (listen addresses
+// default to :0) and waits until it is ready.
 func start(t testing.TB, yaml string) *Sidecar {
+	t.Helper()
+	s := startUnreadyWith(t, yaml, testLogger(t))
+	waitReady(t, s)
+	return s
+}
+
+// startUnreadyWith starts a sidecar logging to log, without waiting for
+// readiness; it is shut down when the test ends.
+func startUnreadyWith(t testing.TB, yaml string, log *slog.Logger) *Sidecar {
 	t.Helper()
 	cfg, err := parseConfig(yaml)
 	if err != nil {
 		t.Fatalf("config:\n%v", err)
 	}
-	s, err := New(cfg, testLogger(t), nil)
+	s, err := New(cfg, log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +71,6 @@ func start(t testing.TB, yaml string) *Sidecar {
 		defer cancel()
 		s.Shutdown(ctx)
 	})
-	waitReady(t, s)
 	return s
 }
 

@@ -94,22 +94,7 @@ func (b *syncBuf) String() string {
 // startLogged is start with the sidecar's log going to w.
 func startLogged(t *testing.T, yaml string, w io.Writer) *Sidecar {
 	t.Helper()
-	cfg, err := parseConfig(yaml)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(cfg, slog.New(slog.NewTextHandler(w, nil)), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(10 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startUnreadyWith(t, yaml, slog.New(slog.NewTextHandler(w, nil)))
 	waitReady(t, s)
 	return s
 }

@@ -335,7 +335,7 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool
 	l := trimCRLF(line)
 	sp1 := bytes.IndexByte(l, ' ')
 	sp2 := bytes.LastIndexByte(l, ' ')
-	if sp1 <= 0 || sp2 <= sp1+1 || string(l[sp2+1:]) != "HTTP/1.1" {
+	if sp1 <= 0 || sp2 <= sp1+1 || string(l[sp2+1:]) != "HTTP/1.1" || bytes.IndexByte(l[sp1+1:sp2], ' ') >= 0 {
 		return nil, false, nil // HTTP/1.0, an h2c preface, or something net/http should judge
 	}
 	method := internMethod(l[:sp1])
@@ -348,7 +348,7 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool
 	if r.URL, err = url.ParseRequestURI(r.RequestURI); err != nil {
 		return nil, false, nil
 	}
-	var cl, te int
+	var cl, te, hosts int
 	for {
 		line, err := br.ReadSlice('\n')
 		*raw = append(*raw, line...)
@@ -376,10 +376,14 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool
 			}
 			key = textproto.CanonicalMIMEHeaderKey(string(l[:i]))
 		}
-		v := string(bytes.TrimSpace(l[i+1:]))
+		raw := bytes.Trim(l[i+1:], " \t")
+		if !validFieldValue(raw) {
+			return nil, false, nil // net/http answers 400
+		}
+		v := string(raw)
 		switch key {
 		case "Host":
-			if r.Host != "" {
+			if hosts++; hosts > 1 {
 				return nil, false, nil
 			}
 			r.Host = v
@@ -475,6 +479,16 @@ func validFieldName(b []byte) bool {
 	return len(b) > 0
 }
 
+// validFieldValue reports whether b holds no control characters but tab.
+func validFieldValue(b []byte) bool {
+	for _, c := range b {
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
 func containsToken(v, tok string) bool {
 	for _, f := range bytes.Split([]byte(v), []byte(",")) {
 		if bytes.EqualFold(bytes.TrimSpace(f), []byte(tok)) {
@@ -528,13 +542,14 @@ func (b *fastBody) Read(p []byte) (int, error) {
 	if err == io.EOF {
 		if b.chunked {
 			// The trailer section follows the last chunk.
+			// Like net/http, the section must end with CRLF.
 			for {
 				line, lerr := b.br.ReadSlice('\n')
-				if lerr != nil {
+				if lerr != nil || string(line) == "\n" {
 					b.err = io.ErrUnexpectedEOF
 					return n, b.err
 				}
-				if len(trimCRLF(line)) == 0 {
+				if string(line) == "\r\n" {
 					break
 				}
 			}

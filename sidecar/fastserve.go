@@ -15,6 +15,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // fastServer serves a proxy listener's plain HTTP/1.1 traffic itself and
@@ -371,13 +373,13 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool
 		}
 		key, known := requestKeys[string(l[:i])]
 		if !known {
-			if !validFieldName(l[:i]) {
+			if !httpguts.ValidHeaderFieldName(string(l[:i])) {
 				return nil, false, nil
 			}
 			key = textproto.CanonicalMIMEHeaderKey(string(l[:i]))
 		}
 		raw := bytes.Trim(l[i+1:], " \t")
-		if !validFieldValue(raw) {
+		if !httpguts.ValidHeaderFieldValue(string(raw)) {
 			return nil, false, nil // net/http answers 400
 		}
 		v := string(raw)
@@ -463,30 +465,10 @@ func internMethod(b []byte) string {
 	case "CONNECT":
 		return http.MethodConnect
 	}
-	if !validFieldName(b) {
+	if !httpguts.ValidHeaderFieldName(string(b)) {
 		return ""
 	}
 	return string(b)
-}
-
-// validFieldName reports whether b is an RFC 9110 token.
-func validFieldName(b []byte) bool {
-	for _, c := range b {
-		if c <= ' ' || c >= 0x7f || bytes.IndexByte([]byte(`"(),/:;<=>?@[\]{}`), c) >= 0 {
-			return false
-		}
-	}
-	return len(b) > 0
-}
-
-// validFieldValue reports whether b holds no control characters but tab.
-func validFieldValue(b []byte) bool {
-	for _, c := range b {
-		if c < ' ' && c != '\t' || c == 0x7f {
-			return false
-		}
-	}
-	return true
 }
 
 func containsToken(v, tok string) bool {

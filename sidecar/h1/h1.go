@@ -27,6 +27,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // Transport is a pool of keep-alive connections per address. Safe for
@@ -466,7 +468,7 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	// HTTP/1.1 200 OK
-	if len(line) < 12 || string(line[:5]) != "HTTP/" || line[8] != ' ' {
+	if len(line) < 12 || (string(line[:8]) != "HTTP/1.1" && string(line[:8]) != "HTTP/1.0") || line[8] != ' ' || len(line) > 12 && line[12] != ' ' {
 		c.broken.Store(true)
 		return nil, fmt.Errorf("h1: malformed status line %q", truncate(string(line)))
 	}
@@ -509,9 +511,17 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		}
 		key, ok := commonKeys[string(l[:i])]
 		if !ok {
+			if !httpguts.ValidHeaderFieldName(string(l[:i])) {
+				c.broken.Store(true)
+				return nil, fmt.Errorf("h1: malformed header name in %q", truncate(string(l)))
+			}
 			key = textproto.CanonicalMIMEHeaderKey(string(l[:i]))
 		}
 		v := trimSpace(l[i+1:])
+		if !httpguts.ValidHeaderFieldValue(string(v)) {
+			c.broken.Store(true)
+			return nil, fmt.Errorf("h1: malformed value for header %q", key)
+		}
 		start := len(arena)
 		arena = append(arena, v...)
 		fields = append(fields, field{key: key, start: start, end: len(arena)})
@@ -622,6 +632,31 @@ func (c *conn) readLine() (string, error) {
 // attachBody frames the response body and decides whether the connection
 // can be reused once it is read.
 func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
+	if cls := resp.Header["Content-Length"]; len(cls) > 1 {
+		for _, v := range cls[1:] {
+			if v != cls[0] {
+				// Conflicting lengths cannot frame the body safely.
+				c.broken.Store(true)
+				return fmt.Errorf("h1: conflicting Content-Length values %q", cls)
+			}
+		}
+		resp.Header["Content-Length"] = cls[:1]
+	}
+	if cls := resp.Header["Content-Length"]; len(cls) == 1 {
+		if n, err := strconv.ParseUint(cls[0], 10, 63); err != nil || cls[0] == "" || n > 1<<62 {
+			c.broken.Store(true)
+			return fmt.Errorf("h1: bad Content-Length %q", cls[0])
+		}
+	}
+	// Transfer codings exist from HTTP/1.1 on: an HTTP/1.0 body runs to the close.
+	te := resp.Header["Transfer-Encoding"]
+	if resp.ProtoMinor == 0 {
+		te = nil
+	}
+	if len(te) > 0 && (len(te) != 1 || !strings.EqualFold(te[0], "chunked")) {
+		c.broken.Store(true)
+		return fmt.Errorf("h1: unsupported Transfer-Encoding %q", te)
+	}
 	reuse := resp.ProtoMinor == 1
 	for _, v := range resp.Header["Connection"] {
 		for _, tok := range strings.Split(v, ",") {
@@ -641,8 +676,7 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 		reuse = hasLen
 	}
 	resp.Close = !reuse
-	noBody := req.Method == http.MethodHead || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
-	te := resp.Header["Transfer-Encoding"]
+	noBody := req.Method == http.MethodHead || resp.StatusCode/100 == 1 || resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusNotModified
 	var r io.Reader
 	switch {
 	case noBody:
@@ -654,13 +688,7 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 		c.finish(reuse)
 		return nil
 	case len(te) > 0:
-		if !strings.EqualFold(te[len(te)-1], "chunked") {
-			reuse = false
-			resp.Close = true
-			r = c.br
-		} else {
-			r = httputil.NewChunkedReader(c.br)
-		}
+		r = httputil.NewChunkedReader(c.br)
 		delete(resp.Header, "Transfer-Encoding")
 		resp.TransferEncoding = []string{"chunked"}
 		resp.ContentLength = -1
@@ -726,14 +754,15 @@ func (b *body) Read(p []byte) (int, error) {
 	if err == io.EOF && b.chunked {
 		// The chunked reader stops at the last chunk; the trailer section
 		// (usually just CRLF) must be read before the connection is reused.
+		// Like net/http, the section must end with CRLF.
 		for {
-			l, lerr := b.c.readLine()
-			if lerr != nil {
+			l, lerr := b.c.br.ReadSlice('\n')
+			if lerr != nil || string(l) == "\n" {
 				b.c.broken.Store(true)
 				b.end(false)
 				return n, io.ErrUnexpectedEOF
 			}
-			if l == "" {
+			if string(l) == "\r\n" {
 				break
 			}
 		}

@@ -95,8 +95,8 @@ type conn struct {
 }
 
 var (
-	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 16<<10) }}
-	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 16<<10) }}
+	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 8<<10) }}
+	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
 func (t *Transport) poolFor(addr string) *pool {

@@ -415,3 +415,35 @@ discovery: {consul: {address: %s}, on_demand_allow: ["inv*"], on_demand_idle: 30
 		return true
 	})
 }
+
+// Static and Consul upstreams side by side in one sidecar.
+func TestStaticAndConsulUpstreamsTogether(t *testing.T) {
+	consulEnvClear(t)
+	c := testenv.StartConsul(t)
+	fromConsul, fromCatalog := newBackend(t, "from-consul", nil), newBackend(t, "from-catalog", nil)
+	register(t, c.Client(t), "payments", "p1", fromConsul, false)
+	// "ledger" is in both places; its discovery key decides which is used.
+	register(t, c.Client(t), "ledger", "l1", fromConsul, false)
+	s := start(t, fmt.Sprintf(`
+discovery:
+  consul: {address: %s}
+  static: {inventory: [%s], ledger: [%s]}
+upstreams:
+  payments: {}
+  inventory: {}
+  ledger: {discovery: consul}
+`, c.Addr(), fromCatalog.addr(), fromCatalog.addr()))
+	pc := proxyClient(s)
+	for name, want := range map[string]string{"payments": "from-consul", "inventory": "from-catalog", "ledger": "from-consul"} {
+		resp, err := pc.Get("http://" + name + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if body := readAll(t, resp); body != want {
+			t.Errorf("%s: want an answer %s, have %q", name, want, body)
+		}
+		if st := status(t, s, name); st.Source != map[string]string{"from-consul": "consul", "from-catalog": "static"}[want] {
+			t.Errorf("%s: source %q", name, st.Source)
+		}
+	}
+}

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http/httpguts"
+
+	"github.com/meshd/meshd/sidecar/h1"
 )
 
 // fastServer serves a proxy listener's plain HTTP/1.1 traffic itself and
@@ -671,7 +673,7 @@ func (w *fastWriter) commit() error {
 	w.committed = true
 	bw := w.bw
 	bw.WriteString("HTTP/1.1 ")
-	if st := statusLine(w.status); st != "" {
+	if st := h1.StatusLine(w.status); st != "" {
 		bw.WriteString(st)
 	} else {
 		w.num = strconv.AppendInt(w.num[:0], int64(w.status), 10)
@@ -739,23 +741,6 @@ func (w *fastWriter) finish() error {
 		return io.ErrShortWrite
 	}
 	return w.bw.Flush()
-}
-
-var statusLines = func() []string {
-	out := make([]string, 600)
-	for code := 100; code < 600; code++ {
-		if t := http.StatusText(code); t != "" {
-			out[code] = strconv.Itoa(code) + " " + t
-		}
-	}
-	return out
-}()
-
-func statusLine(code int) string {
-	if code >= 0 && code < len(statusLines) {
-		return statusLines[code]
-	}
-	return ""
 }
 
 // handoffListener feeds connections to a net/http server.

@@ -487,7 +487,7 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 	if string(line[:8]) == "HTTP/1.0" {
 		resp.Proto, resp.ProtoMinor = "HTTP/1.0", 0
 	}
-	if st := statusLines[code%len(statusLines)]; st != "" && st == string(line[9:]) {
+	if st := StatusLine(code); st != "" && st == string(line[9:]) {
 		resp.Status = st
 	} else {
 		resp.Status = string(line[9:])
@@ -547,8 +547,16 @@ type field struct {
 	start, end int
 }
 
-// statusLines holds "200 OK" and friends, indexed by code, so that common
-// status lines need no allocation.
+// StatusLine returns "200 OK" and the like for a code with a standard text,
+// "" otherwise, without allocating. Safe for concurrent use.
+func StatusLine(code int) string {
+	if code >= 0 && code < len(statusLines) {
+		return statusLines[code]
+	}
+	return ""
+}
+
+// statusLines holds "200 OK" and friends, indexed by code.
 var statusLines = func() []string {
 	out := make([]string, 600)
 	for code := 100; code < 600; code++ {

@@ -43,12 +43,11 @@ type fastServer struct {
 	handler http.Handler
 	handoff *handoffListener
 
-	mu       sync.Mutex
-	conns    map[*fastConn]struct{}
-	closing  atomic.Bool
-	wg       sync.WaitGroup
-	served   chan struct{} // closed when the accept loop ends
-	nextConn atomic.Uint64
+	mu      sync.Mutex
+	conns   map[*fastConn]struct{}
+	closing atomic.Bool
+	wg      sync.WaitGroup
+	served  chan struct{} // closed when the accept loop ends
 }
 
 // fastConn states.

@@ -756,19 +756,6 @@ func peerHost(addr string) string {
 	return addr
 }
 
-func isDialError(err error) bool {
-	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
-}
-
-func isTimeout(err error) bool {
-	if errors.Is(err, context.DeadlineExceeded) {
-		return true
-	}
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
 // errText shortens transport errors for response bodies.
 func errText(err error) string {
 	var op *net.OpError

@@ -518,7 +518,7 @@ func TestPlainRequestsTakeTheFastClient(t *testing.T) {
 // The inbound proxy sends each request to the app once: callers' sidecars
 // retry, so retrying here too would multiply the load on a struggling app.
 func TestInboundDoesNotRetry(t *testing.T) {
-	app := newBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "busy", 503) })
+	app := newBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "busy", http.StatusServiceUnavailable) })
 	_, port, _ := net.SplitHostPort(app.addr())
 	s := start(t, fmt.Sprintf("listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0, inbound: 127.0.0.1:0}\nservice: {name: orders, port: %s}\n", port))
 	resp, err := http.Get("http://" + s.Addr("inbound") + "/x")

@@ -312,7 +312,7 @@ func resourceAttr(rec *tracetest.SpanRecorder, key string) (string, bool) {
 	for _, s := range rec.Ended() {
 		for _, kv := range s.Resource().Attributes() {
 			if string(kv.Key) == key {
-				return kv.Value.Emit(), true
+				return kv.Value.String(), true
 			}
 		}
 	}

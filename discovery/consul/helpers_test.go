@@ -174,12 +174,6 @@ func (r *recorder) all() []event {
 	return slices.Clone(r.events)
 }
 
-func (r *recorder) len() int {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return len(r.events)
-}
-
 func (r *recorder) dump() string {
 	var b strings.Builder
 	for _, e := range r.all() {

@@ -631,12 +631,6 @@ func (c *conn) readLineBytes() ([]byte, error) {
 	return line[:n], nil
 }
 
-// readLine is readLineBytes as a string.
-func (c *conn) readLine() (string, error) {
-	b, err := c.readLineBytes()
-	return string(b), err
-}
-
 // attachBody frames the response body and decides whether the connection
 // can be reused once it is read.
 func (c *conn) attachBody(req *http.Request, resp *http.Response) error {

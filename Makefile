@@ -55,7 +55,7 @@ demo-deps:
 
 # Benchmarks: Go micro-benchmarks, then wrk through meshd beside HAProxy and nginx.
 bench: build tools
-	$(GO) test -run '^$$' -bench . -benchmem -benchtime 200ms ./balance/ ./sidecar/h1/
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 200ms ./balance/ ./sidecar/ ./sidecar/h1/
 	BIN=bin examples/bench/run.sh
 	$(GO) run ./examples/bench/fault -meshd bin/meshd
 	BIN=bin examples/bench/tracing.sh

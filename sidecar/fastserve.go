@@ -63,7 +63,43 @@ type fastConn struct {
 	remote string
 	ctx    context.Context
 	cancel context.CancelFunc
+	// rdl is the read deadline set on nc. The serving goroutine owns it,
+	// except while a client watch reads (see clientWatch).
+	rdl time.Time
 }
+
+// setReadDeadline sets nc's read deadline unless it is already t.
+func (c *fastConn) setReadDeadline(t time.Time) {
+	if !t.Equal(c.rdl) {
+		c.rdl = t
+		c.nc.SetReadDeadline(t)
+	}
+}
+
+// readWithin bounds the next reads to d from now. A deadline already set
+// that falls no more than d/16 short of that is kept: re-arming the
+// connection's timer for every request costs more than the precision is
+// worth, so an idle connection may close up to d/16 early.
+func (c *fastConn) readWithin(d time.Duration) {
+	want := time.Now().Add(d)
+	if !c.rdl.IsZero() && !c.rdl.After(want) && want.Sub(c.rdl) < d/16 {
+		return
+	}
+	c.setReadDeadline(want)
+}
+
+// headBuffered reports whether br holds a whole request head, so that
+// parsing it reads nothing from the connection.
+func headBuffered(br *bufio.Reader) bool {
+	b, _ := br.Peek(br.Buffered())
+	return bytes.Contains(b, headEndCRLF) || bytes.Contains(b, headEndLF)
+}
+
+// The empty line that ends a head, after the last field's line feed.
+var (
+	headEndCRLF = []byte("\n\r\n")
+	headEndLF   = []byte("\n\n")
+)
 
 func newFastServer(s *Sidecar, l *listener, h http.Handler) *fastServer {
 	return &fastServer{
@@ -140,20 +176,27 @@ func (f *fastServer) serveConn(c *fastConn) {
 		f.forget(c)
 	}()
 	w := &fastWriter{bw: bw}
+	watch := newClientWatch(c)
+	// Requests are copies of base, which carries the connection's context;
+	// building them so spares the copy WithContext would make per request.
+	base := (&http.Request{}).WithContext(c.ctx)
+	defer watch.timer.Stop()
 	var raw []byte
 	for {
 		cfg := f.s.cfg.Load()
 		// Wait for the next request as an idle connection.
-		c.nc.SetReadDeadline(time.Now().Add(cfg.Proxy.IdleTimeout))
+		c.readWithin(cfg.Proxy.IdleTimeout)
 		if _, err := br.Peek(1); err != nil {
 			return
 		}
 		if !c.state.CompareAndSwap(connIdle, connActive) {
 			return // closed by a shutdown
 		}
-		c.nc.SetReadDeadline(time.Now().Add(cfg.Proxy.ReadHeaderTimeout))
+		if !headBuffered(br) {
+			c.setReadDeadline(time.Now().Add(cfg.Proxy.ReadHeaderTimeout))
+		}
 		raw = raw[:0]
-		req, ok, err := readHead(br, &raw, cfg.Proxy.MaxHeaderBytes)
+		req, ok, err := readHead(br, &raw, cfg.Proxy.MaxHeaderBytes, base)
 		if err != nil {
 			return // timed out or the client went away mid-head
 		}
@@ -161,12 +204,17 @@ func (f *fastServer) serveConn(c *fastConn) {
 			handedOff = f.handOff(c, raw, br)
 			return
 		}
-		c.nc.SetReadDeadline(time.Time{})
 		req.RemoteAddr = c.remote
-		req = req.WithContext(c.ctx)
 		body, _ := req.Body.(*fastBody)
+		if body != nil {
+			// The body is read while the request is served, without limit.
+			// Without one, the idle deadline may stay: nothing reads the
+			// connection until the next request, but a client watch, which
+			// clears it.
+			c.setReadDeadline(time.Time{})
+		}
 		w.reset(req)
-		watch := watchClient(c, br, body)
+		watch.arm(br, body)
 		ok = f.call(w, req)
 		if !watch.stop(br) || !ok {
 			return
@@ -193,37 +241,59 @@ const clientWatchDelay = 25 * time.Millisecond
 // clientWatch notices a client that closes its connection while its request
 // is still being served, and cancels the request. It reads one byte from the
 // connection on a goroutine of its own, started only for slow requests whose
-// body has been read and after which nothing is buffered.
+// body has been read and after which nothing is buffered. One watch serves
+// all of a connection's requests in turn: arm starts it for a request, stop
+// ends it. Its timer is reused, so quick requests cost no allocation.
 type clientWatch struct {
 	c     *fastConn
 	timer *time.Timer
 	mu    sync.Mutex
 	state int // 0 waiting, 1 reading, 2 stopped
+	br    *bufio.Reader
+	body  *fastBody
 	done  chan struct{}
 	b     [1]byte
 	n     int
 	err   error
 }
 
-func watchClient(c *fastConn, br *bufio.Reader, body *fastBody) *clientWatch {
-	w := &clientWatch{c: c}
-	w.timer = time.AfterFunc(clientWatchDelay, func() {
-		w.mu.Lock()
-		if w.state != 0 || (body != nil && !body.finished.Load()) || br.Buffered() > 0 {
-			w.mu.Unlock()
-			return
-		}
-		w.state = 1
-		w.done = make(chan struct{})
-		w.mu.Unlock()
-		w.n, w.err = c.nc.Read(w.b[:])
-		var ne net.Error
-		if w.n == 0 && w.err != nil && !(errors.As(w.err, &ne) && ne.Timeout()) {
-			c.cancel() // the client went away: cancel its request
-		}
-		close(w.done)
-	})
+func newClientWatch(c *fastConn) *clientWatch {
+	w := &clientWatch{c: c, state: 2}
+	w.timer = time.AfterFunc(time.Hour, w.fire)
+	w.timer.Stop()
 	return w
+}
+
+// arm starts watching for the request being served.
+func (w *clientWatch) arm(br *bufio.Reader, body *fastBody) {
+	w.mu.Lock()
+	w.state, w.br, w.body, w.n, w.err = 0, br, body, 0, nil
+	w.mu.Unlock()
+	w.timer.Reset(clientWatchDelay)
+}
+
+// fire runs on the timer's goroutine. A stale firing (its request already
+// stopped) finds the state not waiting and returns.
+func (w *clientWatch) fire() {
+	w.mu.Lock()
+	if w.state != 0 || (w.body != nil && !w.body.finished.Load()) || w.br.Buffered() > 0 {
+		w.mu.Unlock()
+		return
+	}
+	w.state = 1
+	w.done = make(chan struct{})
+	c := w.c
+	// Cleared before stop can see the watch reading, so that its own
+	// deadline (which ends the read) always comes after.
+	c.setReadDeadline(time.Time{})
+	w.mu.Unlock()
+	n, err := c.nc.Read(w.b[:])
+	w.n, w.err = n, err
+	var ne net.Error
+	if n == 0 && err != nil && !(errors.As(err, &ne) && ne.Timeout()) {
+		c.cancel() // the client went away: cancel its request
+	}
+	close(w.done)
 }
 
 // stop ends the watch after the handler returned. A byte the client already
@@ -237,10 +307,12 @@ func (w *clientWatch) stop(br *bufio.Reader) bool {
 		w.timer.Stop()
 		return true
 	}
+	w.state = 2
+	done := w.done
 	w.mu.Unlock()
-	w.c.nc.SetReadDeadline(aLongTimeAgo)
-	<-w.done
-	w.c.nc.SetReadDeadline(time.Time{})
+	w.c.setReadDeadline(aLongTimeAgo)
+	<-done
+	w.c.setReadDeadline(time.Time{})
 	if w.n == 1 {
 		br.Reset(&replayConn{Conn: w.c.nc, prefix: []byte{w.b[0]}})
 		return true
@@ -323,9 +395,10 @@ func (f *fastServer) closeAll() {
 	}
 }
 
-// readHead parses one request head. ok is false when the request must go to
-// net/http; raw then holds every byte consumed, for replay.
-func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool, error) {
+// readHead parses one request head into a copy of base (which sets its
+// context). ok is false when the request must go to net/http; raw then holds
+// every byte consumed, for replay.
+func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request) (*http.Request, bool, error) {
 	line, err := br.ReadSlice('\n')
 	*raw = append(*raw, line...)
 	if err != nil {
@@ -346,7 +419,9 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int) (*http.Request, bool
 	if method == "" || method == http.MethodConnect || target[0] == '*' {
 		return nil, false, nil
 	}
-	r := &http.Request{Method: method, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Header: make(http.Header, 8)}
+	r := new(http.Request)
+	*r = *base
+	r.Method, r.Proto, r.ProtoMajor, r.ProtoMinor, r.Header = method, "HTTP/1.1", 1, 1, make(http.Header, 8)
 	r.RequestURI = string(target)
 	if r.URL, err = url.ParseRequestURI(r.RequestURI); err != nil {
 		return nil, false, nil

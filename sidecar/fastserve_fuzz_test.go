@@ -36,7 +36,7 @@ func FuzzReadHead(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, in string) {
 		var raw []byte
-		fast, ok, err := readHead(bufio.NewReaderSize(strings.NewReader(in), 4096), &raw, 64<<10)
+		fast, ok, err := readHead(bufio.NewReaderSize(strings.NewReader(in), 4096), &raw, 64<<10, new(http.Request))
 		if err != nil || !ok {
 			// Handed off (or the input ended): raw must be a prefix of
 			// the input so that net/http can be replayed the exact bytes.

@@ -132,3 +132,38 @@ func TestFastPathShortUpstreamBodyAbortsTheResponse(t *testing.T) {
 		t.Fatal("a short upstream body reached the client as a complete response")
 	}
 }
+
+// An idle client connection is closed after proxy.idle_timeout (the fast
+// path may close it up to a sixteenth early), while a request that takes
+// longer than the idle timeout is still answered on a connection that
+// stays usable.
+func TestIdleTimeoutAndSlowRequests(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			select {
+			case <-time.After(400 * time.Millisecond):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		io.WriteString(w, "done "+r.URL.Path)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nproxy: {idle_timeout: 200ms}\n", b.addr()))
+	c, br := rawConn(t, s)
+	for _, path := range []string{"/quick", "/slow", "/quick", "/slow"} {
+		io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: p\r\n\r\n")
+		resp, body := readResp(t, br, "GET")
+		if resp.StatusCode != 200 || body != "done "+path {
+			t.Fatalf("%s: want 200 %q, have %d %q", path, "done "+path, resp.StatusCode, body)
+		}
+	}
+	idleSince := time.Now()
+	if _, err := br.ReadByte(); err == nil {
+		t.Fatal("the idle connection sent a byte instead of closing")
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("the idle connection was not closed within the test's 10 s deadline")
+	}
+	if idle := time.Since(idleSince); idle < 200*time.Millisecond*15/16 {
+		t.Fatalf("closed after %v idle, before the 200ms idle timeout", idle)
+	}
+}

@@ -29,47 +29,39 @@ func isHop(k string) bool {
 	return false
 }
 
-// connectionTokens returns the header names listed in Connection, canonical.
-func connectionTokens(h http.Header) []string {
-	var out []string
-	for _, v := range h["Connection"] {
-		for _, f := range strings.Split(v, ",") {
-			if f = textproto.TrimString(f); f != "" {
-				out = append(out, textproto.CanonicalMIMEHeaderKey(f))
-			}
-		}
-	}
-	return out
-}
-
 // copyEndToEnd copies src into dst without hop-by-hop headers, including
 // those named by src's Connection header. Value slices are shared: neither
 // side may be modified in place afterwards.
 func copyEndToEnd(dst, src http.Header) {
-	var listed []string
-	if _, ok := src["Connection"]; ok {
-		listed = connectionTokens(src)
-	}
-outer:
+	conn := src["Connection"]
 	for k, vv := range src {
-		if isHop(k) {
+		if isHop(k) || len(conn) > 0 && listedIn(conn, k) {
 			continue
-		}
-		for _, l := range listed {
-			if k == l {
-				continue outer
-			}
 		}
 		dst[k] = vv
 	}
 }
 
+// listedIn reports whether the Connection header values conn name the
+// header k (canonical). Names compare case-insensitively, which is what
+// canonicalising them would do; it allocates nothing.
+func listedIn(conn []string, k string) bool {
+	for _, v := range conn {
+		for v != "" {
+			var f string
+			f, v, _ = strings.Cut(v, ",")
+			if strings.EqualFold(textproto.TrimString(f), k) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // upgradeType returns the protocol a request or response asks to switch to.
 func upgradeType(h http.Header) string {
-	for _, t := range connectionTokens(h) {
-		if t == "Upgrade" {
-			return h.Get("Upgrade")
-		}
+	if listedIn(h["Connection"], "Upgrade") {
+		return h.Get("Upgrade")
 	}
 	return ""
 }

@@ -21,8 +21,12 @@ func targetName(r *http.Request) string {
 	if r.Method != http.MethodConnect && r.URL != nil && r.URL.Host != "" {
 		host = r.URL.Host
 	}
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
+	if strings.IndexByte(host, ':') >= 0 {
+		// Only a name with a port can split; the check spares the error
+		// value SplitHostPort allocates for a bare name.
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
 	}
 	host = strings.TrimSuffix(host, ".")
 	if i := strings.Index(host, ".service."); i > 0 && strings.HasSuffix(host, ".consul") {

@@ -43,9 +43,8 @@ type Transport struct {
 	// ResponseHeaderTimeout bounds the wait for the response head; 0 = none.
 	headerTimeout time.Duration
 
-	mu     sync.Mutex
-	pools  map[string]*pool
-	closed bool
+	mu    sync.Mutex                       // serialises changes to pools
+	pools atomic.Pointer[map[string]*pool] // read without locking; copied on change
 }
 
 // Options configure a Transport.
@@ -67,7 +66,9 @@ func New(o Options) *Transport {
 	if o.IdleTimeout <= 0 {
 		o.IdleTimeout = 90 * time.Second
 	}
-	return &Transport{dial: o.Dial, maxIdle: o.MaxIdlePerHost, idleTimeout: o.IdleTimeout, headerTimeout: o.ResponseHeaderTimeout, pools: map[string]*pool{}}
+	t := &Transport{dial: o.Dial, maxIdle: o.MaxIdlePerHost, idleTimeout: o.IdleTimeout, headerTimeout: o.ResponseHeaderTimeout}
+	t.pools.Store(&map[string]*pool{})
+	return t
 }
 
 // pool is the idle connections of one address, newest last.
@@ -92,6 +93,24 @@ type conn struct {
 	// arena and fields are reused across response heads.
 	arena  []byte
 	fields []field
+	// rdl and wdl are the deadlines set on nc, kept to skip setting them
+	// again. Only the exchange's goroutine uses them; a cancellation sets
+	// nc's deadlines itself, and a cancelled conn is never reused.
+	rdl, wdl time.Time
+}
+
+func (c *conn) setReadDeadline(t time.Time) {
+	if !t.Equal(c.rdl) {
+		c.rdl = t
+		c.nc.SetReadDeadline(t)
+	}
+}
+
+func (c *conn) setWriteDeadline(t time.Time) {
+	if !t.Equal(c.wdl) {
+		c.wdl = t
+		c.nc.SetWriteDeadline(t)
+	}
 }
 
 var (
@@ -99,14 +118,25 @@ var (
 	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
+// poolFor returns addr's pool, adding it on first use. Lookups take no lock:
+// the map is replaced, never changed, when an address is added.
 func (t *Transport) poolFor(addr string) *pool {
-	t.mu.Lock()
-	p := t.pools[addr]
-	if p == nil {
-		p = &pool{}
-		t.pools[addr] = p
+	if p := (*t.pools.Load())[addr]; p != nil {
+		return p
 	}
-	t.mu.Unlock()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old := *t.pools.Load()
+	if p := old[addr]; p != nil {
+		return p
+	}
+	m := make(map[string]*pool, len(old)+1)
+	for k, v := range old {
+		m[k] = v
+	}
+	p := &pool{}
+	m[addr] = p
+	t.pools.Store(&m)
 	return p
 }
 
@@ -136,13 +166,6 @@ func (t *Transport) put(c *conn) {
 		c.close()
 		return
 	}
-	t.mu.Lock()
-	closed := t.closed
-	t.mu.Unlock()
-	if closed {
-		c.close()
-		return
-	}
 	c.idleAt = time.Now()
 	p := t.poolFor(c.addr)
 	p.mu.Lock()
@@ -159,8 +182,7 @@ func (t *Transport) put(c *conn) {
 // closed when their exchange ends.
 func (t *Transport) CloseIdleConnections() {
 	t.mu.Lock()
-	pools := t.pools
-	t.pools = map[string]*pool{}
+	pools := *t.pools.Swap(&map[string]*pool{})
 	t.mu.Unlock()
 	for _, p := range pools {
 		p.mu.Lock()
@@ -272,11 +294,18 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 	}
 	c.ctx = ctx
 	deadline, hasDeadline := ctx.Deadline()
-	if hasDeadline {
-		c.nc.SetDeadline(deadline)
-	} else {
-		c.nc.SetDeadline(time.Time{})
+	c.setWriteDeadline(deadline) // zero without one
+	headDeadline := deadline
+	if ht := c.t.headerTimeout; ht > 0 && (!hasDeadline || time.Until(deadline) > ht) {
+		// The response head must come within the header timeout. A
+		// deadline already set that falls less than ht/16 short of it is
+		// kept, sparing a timer update per exchange.
+		headDeadline = time.Now().Add(ht)
+		if !c.rdl.IsZero() && !c.rdl.After(headDeadline) && headDeadline.Sub(c.rdl) < ht/16 {
+			headDeadline = c.rdl
+		}
 	}
+	c.setReadDeadline(headDeadline)
 	if ctx.Done() != nil {
 		c.stopCtx = context.AfterFunc(ctx, func() {
 			c.canceled.Store(true)
@@ -302,9 +331,6 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		}
 		return fail(err)
 	}
-	if c.t.headerTimeout > 0 && (!hasDeadline || time.Until(deadline) > c.t.headerTimeout) {
-		c.nc.SetReadDeadline(time.Now().Add(c.t.headerTimeout))
-	}
 	resp, err = c.readResponse(req)
 	if err != nil {
 		if c.reused && errors.Is(err, errNothingRead) {
@@ -315,11 +341,12 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		}
 		return fail(err)
 	}
-	if c.t.headerTimeout > 0 {
-		if hasDeadline {
-			c.nc.SetReadDeadline(deadline)
-		} else {
-			c.nc.SetReadDeadline(time.Time{})
+	if b, ok := resp.Body.(*body); ok && !headDeadline.Equal(deadline) {
+		// The body is read under the request's own deadline, unless all
+		// of it is buffered already. (Without a body, the connection is
+		// back in the pool and no longer this exchange's to touch.)
+		if b.r != &b.limited || b.limited.N > int64(c.br.Buffered()) {
+			c.setReadDeadline(deadline)
 		}
 	}
 	return resp, nil
@@ -661,11 +688,13 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 	}
 	reuse := resp.ProtoMinor == 1
 	for _, v := range resp.Header["Connection"] {
-		for _, tok := range strings.Split(v, ",") {
-			switch strings.ToLower(strings.TrimSpace(tok)) {
-			case "close":
+		for v != "" {
+			var tok string
+			tok, v, _ = strings.Cut(v, ",")
+			switch tok = strings.TrimSpace(tok); {
+			case strings.EqualFold(tok, "close"):
 				reuse = false
-			case "keep-alive":
+			case strings.EqualFold(tok, "keep-alive"):
 				if resp.ProtoMinor == 0 {
 					reuse = true
 				}
@@ -714,7 +743,11 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 			c.finish(reuse)
 			return nil
 		}
-		r = io.LimitReader(c.br, n)
+		b := &body{c: c, reuse: reuse, want: n}
+		b.limited = io.LimitedReader{R: c.br, N: n}
+		b.r = &b.limited
+		resp.Body = b
+		return nil
 	}
 	resp.Body = &body{c: c, r: r, reuse: reuse, want: resp.ContentLength, chunked: resp.TransferEncoding != nil && reuse}
 	return nil
@@ -743,6 +776,8 @@ type body struct {
 	mu    sync.Mutex
 	// chunked bodies end with a trailer section to consume before reuse.
 	chunked bool
+	// limited frames a body of known length; part of body to save an allocation.
+	limited io.LimitedReader
 }
 
 func (b *body) Read(p []byte) (int, error) {
@@ -829,9 +864,7 @@ func (b *body) Close() error {
 
 // Idle reports how many pooled idle connections there are to addr.
 func (t *Transport) Idle(addr string) int {
-	t.mu.Lock()
-	p := t.pools[addr]
-	t.mu.Unlock()
+	p := (*t.pools.Load())[addr]
 	if p == nil {
 		return 0
 	}

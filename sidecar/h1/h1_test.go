@@ -400,3 +400,56 @@ func TestResponseHeadParsing(t *testing.T) {
 		t.Fatal("appending to one header's values overwrote another's")
 	}
 }
+
+// The header timeout bounds each response head on a reused connection, but
+// not a body that arrives slowly after its head, even when the previous
+// exchange on the connection left the head's deadline in place.
+func TestHeaderTimeoutOnReusedConnection(t *testing.T) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/small":
+			io.WriteString(w, "ok")
+		case "/stream":
+			w.Header().Set("Content-Length", "10")
+			io.WriteString(w, "12345")
+			w.(http.Flusher).Flush()
+			// The rest comes after three header timeouts.
+			select {
+			case <-time.After(300 * time.Millisecond):
+			case <-r.Context().Done():
+				return
+			}
+			io.WriteString(w, "67890")
+		case "/hang":
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}
+	})
+	tr := New(Options{ResponseHeaderTimeout: 100 * time.Millisecond})
+	if _, body := get(t, tr, srv.URL+"/small"); body != "ok" {
+		t.Fatalf("small: have %q", body)
+	}
+	if _, body := get(t, tr, srv.URL+"/stream"); body != "1234567890" {
+		t.Fatalf("slow body after a quick head: have %q", body)
+	}
+	if _, body := get(t, tr, srv.URL+"/small"); body != "ok" {
+		t.Fatalf("small after the slow body: have %q", body)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("want one connection reused throughout, have %d", n)
+	}
+	req, _ := http.NewRequest("GET", srv.URL+"/hang", nil)
+	began := time.Now()
+	_, err := tr.RoundTrip(req)
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("hung head on a reused connection: want a timeout error, have %v", err)
+	}
+	if d := time.Since(began); d > 2*time.Second {
+		t.Fatalf("header timeout honoured only after %v", d)
+	}
+}

@@ -407,11 +407,15 @@ func (b *reqBody) getBody() (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(b.buf)), nil
 }
 
+// noReqBody is the body of requests without one. It is shared: a reqBody
+// with none set is never modified.
+var noReqBody = &reqBody{none: true}
+
 // prepareBody buffers bodies up to limit so that they can be resent; larger
 // ones (and unknown lengths beyond limit) are streamed once.
 func prepareBody(r *http.Request, limit int64) (*reqBody, error) {
 	if r.Body == nil || r.Body == http.NoBody || (r.ContentLength == 0 && len(r.TransferEncoding) == 0) {
-		return &reqBody{none: true}, nil
+		return noReqBody, nil
 	}
 	if r.ContentLength > limit {
 		return &reqBody{stream: r.Body, length: r.ContentLength}, nil

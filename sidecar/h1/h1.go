@@ -88,6 +88,7 @@ type conn struct {
 	t        *Transport
 	addr     string
 	stopCtx  func() bool
+	onCancel func() // c.abort, bound once
 	canceled atomic.Bool
 	ctx      context.Context
 	// arena and fields are reused across response heads.
@@ -307,10 +308,10 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 	}
 	c.setReadDeadline(headDeadline)
 	if ctx.Done() != nil {
-		c.stopCtx = context.AfterFunc(ctx, func() {
-			c.canceled.Store(true)
-			c.nc.SetDeadline(aLongTimeAgo)
-		})
+		if c.onCancel == nil {
+			c.onCancel = c.abort // bound once per connection, not per exchange
+		}
+		c.stopCtx = context.AfterFunc(ctx, c.onCancel)
 	}
 	fail := func(e error) (*http.Response, error) {
 		c.release()
@@ -353,6 +354,13 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 }
 
 var aLongTimeAgo = time.Unix(1, 0)
+
+// abort ends the exchange in progress when its context is done; it runs on
+// the context's goroutine.
+func (c *conn) abort() {
+	c.canceled.Store(true)
+	c.nc.SetDeadline(aLongTimeAgo)
+}
 
 func (c *conn) release() {
 	if c.stopCtx != nil {
@@ -504,7 +512,10 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		c.broken.Store(true)
 		return nil, fmt.Errorf("h1: malformed status code in %q", truncate(string(line)))
 	}
-	resp := &http.Response{
+	// The response and the first header values share one allocation.
+	blk := new(respBlock)
+	resp := &blk.resp
+	*resp = http.Response{
 		StatusCode: code,
 		Proto:      "HTTP/1.1",
 		ProtoMajor: 1,
@@ -554,7 +565,10 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		fields = append(fields, field{key: key, start: start, end: len(arena)})
 	}
 	values := string(arena)
-	vals := make([]string, len(fields))
+	vals := blk.vals[:]
+	if len(fields) > len(vals) {
+		vals = make([]string, len(fields))
+	}
 	resp.Header = make(http.Header, len(fields))
 	for i, f := range fields {
 		vals[i] = values[f.start:f.end]
@@ -566,6 +580,12 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 	}
 	c.arena, c.fields = arena, fields
 	return resp, nil
+}
+
+// respBlock holds a response and room for the values of a typical head.
+type respBlock struct {
+	resp http.Response
+	vals [10]string
 }
 
 // field locates one header value in the head's value buffer.

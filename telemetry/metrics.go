@@ -34,22 +34,22 @@ const (
 )
 
 // durationBuckets are the boundaries (seconds) the HTTP semantic
-// conventions recommend for request durations.
-var durationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10}
+// conventions recommend for request durations. Upper bounds are inclusive.
+var durationBuckets = [...]float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10}
 
 // Metrics records meshd's request, retry, breaker and discovery metrics.
 //
 // All methods are safe for concurrent use and accept a nil receiver, which
 // does nothing (the state when metrics are off). The per-request methods
 // (RequestDone, ServerRequestDone, InFlight, Retry) look up a cached
-// attribute set per label combination and do not allocate once a
+// series or attribute set per label combination and do not allocate once a
 // combination has been seen; the cache keeps every combination for the life
-// of the process, like the Prometheus series it feeds.
+// of the process, like the Prometheus series it feeds. RequestDone,
+// ServerRequestDone and InFlight take no lock: their series are atomic
+// counters read when /metrics is scraped (see hotMetrics).
 type Metrics struct {
-	clientDur metric.Float64Histogram
-	serverDur metric.Float64Histogram
-	requests  metric.Int64Counter
-	inFlight  metric.Int64ObservableUpDownCounter
+	hot      hotMetrics
+	inFlight metric.Int64ObservableUpDownCounter
 	// inFlightBy holds an *atomic.Int64 per upstream, read at collection
 	// time, so that the hot path pays an atomic add instead of a metric record.
 	inFlightBy         sync.Map
@@ -60,8 +60,6 @@ type Metrics struct {
 	discInstances      metric.Int64Gauge
 	discStale          metric.Int64Gauge
 
-	reqSets      setCache[reqKey]
-	srvSets      setCache[srvKey]
 	upstreamSets setCache[string]
 	retrySets    setCache[[2]string]
 }
@@ -101,6 +99,10 @@ func newMetrics(res *resource.Resource) (*Metrics, http.Handler, func(context.Co
 		_ = mp.Shutdown(context.Background())
 		return nil, nil, nil, err
 	}
+	if err := reg.Register(&m.hot); err != nil {
+		_ = mp.Shutdown(context.Background())
+		return nil, nil, nil, fmt.Errorf("request metrics: %w", err)
+	}
 	h := promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
 	return m, h, mp.Shutdown, nil
 }
@@ -110,20 +112,6 @@ func newInstruments(meter metric.Meter) (*Metrics, error) {
 	var err error
 	fail := func(name string, err error) (*Metrics, error) {
 		return nil, fmt.Errorf("instrument %s: %w", name, err)
-	}
-	if m.clientDur, err = meter.Float64Histogram(MetricClientDuration, metric.WithUnit("s"),
-		metric.WithDescription("Duration of each attempt meshd made to an upstream instance."),
-		metric.WithExplicitBucketBoundaries(durationBuckets...)); err != nil {
-		return fail(MetricClientDuration, err)
-	}
-	if m.serverDur, err = meter.Float64Histogram(MetricServerDuration, metric.WithUnit("s"),
-		metric.WithDescription("Duration of requests meshd received, retries included."),
-		metric.WithExplicitBucketBoundaries(durationBuckets...)); err != nil {
-		return fail(MetricServerDuration, err)
-	}
-	if m.requests, err = meter.Int64Counter(MetricRequests, metric.WithUnit("{request}"),
-		metric.WithDescription("Attempts made to upstream instances, by status class.")); err != nil {
-		return fail(MetricRequests, err)
 	}
 	if m.inFlight, err = meter.Int64ObservableUpDownCounter(MetricInFlight, metric.WithUnit("{request}"),
 		metric.WithDescription("Requests to an upstream currently being handled.")); err != nil {
@@ -175,32 +163,9 @@ func (m *Metrics) RequestDone(upstream, instance string, status int, dur time.Du
 	if m == nil {
 		return
 	}
-	k := reqKey{upstream: upstream, instance: instance, status: status, errType: errType}
-	o, ok := m.reqSets.get(k)
-	if !ok {
-		o = m.reqSets.put(k, requestSets(k))
-	}
-	ctx := context.Background()
-	m.clientDur.Record(ctx, dur.Seconds(), o.rec...)
-	m.requests.Add(ctx, 1, o.add2...)
-}
-
-func requestSets(k reqKey) [2]attribute.Set {
-	dur := make([]attribute.KeyValue, 0, 4)
-	dur = append(dur, AttrUpstream.String(k.upstream), AttrInstanceID.String(k.instance))
-	if k.status > 0 {
-		dur = append(dur, attrStatusCode.Int(k.status))
-	}
-	if k.errType != "" {
-		dur = append(dur, attrErrorType.String(k.errType))
-	} else if k.status >= 400 {
-		dur = append(dur, attrErrorType.String(statusString(k.status)))
-	}
-	cnt := []attribute.KeyValue{
-		AttrUpstream.String(k.upstream), AttrInstanceID.String(k.instance),
-		AttrStatusClass.String(statusClass(k.status, k.errType)),
-	}
-	return [2]attribute.Set{attribute.NewSet(dur...), attribute.NewSet(cnt...)}
+	rs := m.hot.request(reqKey{upstream: upstream, instance: instance, status: status, errType: errType})
+	rs.dur.observe(dur)
+	rs.cnt.n.Add(1)
 }
 
 func statusClass(status int, errType string) string {
@@ -228,20 +193,7 @@ func (m *Metrics) ServerRequestDone(upstream string, status int, dur time.Durati
 	if m == nil {
 		return
 	}
-	k := srvKey{upstream: upstream, status: status}
-	o, ok := m.srvSets.get(k)
-	if !ok {
-		attrs := []attribute.KeyValue{AttrUpstream.String(upstream)}
-		if status > 0 {
-			attrs = append(attrs, attrStatusCode.Int(status))
-		}
-		if status >= 500 {
-			attrs = append(attrs, attrErrorType.String(statusString(status)))
-		}
-		s := attribute.NewSet(attrs...)
-		o = m.srvSets.put(k, [2]attribute.Set{s, s})
-	}
-	m.serverDur.Record(context.Background(), dur.Seconds(), o.rec...)
+	m.hot.server(srvKey{upstream: upstream, status: status}).observe(dur)
 }
 
 // InFlight adds delta (+1 when a request to upstream starts, -1 when it

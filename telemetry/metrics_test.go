@@ -278,3 +278,26 @@ func TestBreakerStateValue(t *testing.T) {
 		t.Error("BreakerStateValue(weird): want not ok")
 	}
 }
+
+// Bucket bounds are inclusive, as Prometheus's le says, and a duration past
+// the last bound lands only in +Inf.
+func TestDurationBucketEdges(t *testing.T) {
+	p, _ := newRecorded(t, Config{})
+	m := p.Metrics
+	m.ServerRequestDone("edges", 200, 25*time.Millisecond)
+	m.ServerRequestDone("edges", 200, 25*time.Millisecond+time.Nanosecond)
+	m.ServerRequestDone("edges", 200, 10*time.Second+time.Nanosecond)
+	s := scrape(t, p)
+	at := func(le string) float64 {
+		return value(t, s, "http_server_request_duration_seconds_bucket", map[string]string{"meshd_upstream": "edges", "le": le})
+	}
+	for le, want := range map[string]float64{"0.01": 0, "0.025": 1, "0.05": 2, "10": 2, "+Inf": 3} {
+		if have := at(le); have != want {
+			t.Errorf("le=%s: want %v, have %v", le, want, have)
+		}
+	}
+	sum := value(t, s, "http_server_request_duration_seconds_sum", map[string]string{"meshd_upstream": "edges"})
+	if want := 10.050000002; !near(sum, want) {
+		t.Errorf("sum: want %v, have %v", want, sum)
+	}
+}

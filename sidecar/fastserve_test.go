@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -165,5 +166,48 @@ func TestIdleTimeoutAndSlowRequests(t *testing.T) {
 	}
 	if idle := time.Since(idleSince); idle < 200*time.Millisecond*15/16 {
 		t.Fatalf("closed after %v idle, before the 200ms idle timeout", idle)
+	}
+}
+
+// Answers of every size reach the client intact on one kept-alive
+// connection: bodies small enough to be buffered, ones that leave with the
+// head in one writev, and ones the instance streams without a length.
+func TestFastPathAnswerSizes(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+		body := make([]byte, n)
+		for i := range body {
+			body[i] = 'a' + byte(i%26)
+		}
+		if r.URL.Query().Get("stream") == "" {
+			w.Header().Set("Content-Length", strconv.Itoa(n))
+			w.Write(body)
+			return
+		}
+		for len(body) > 0 { // no length: chunked, flushed in parts
+			k := min(len(body), 3000)
+			w.Write(body[:k])
+			w.(http.Flusher).Flush()
+			body = body[k:]
+		}
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	c, br := rawConn(t, s)
+	for _, stream := range []string{"", "1"} {
+		for _, n := range []int{0, 1, 100, 4095, 4097, 8000, 8192, 8300, 20000, 65536, 200001} {
+			fmt.Fprintf(c, "GET /?n=%d&stream=%s HTTP/1.1\r\nHost: p\r\n\r\n", n, stream)
+			resp, body := readResp(t, br, "GET")
+			if resp.StatusCode != 200 || len(body) != n {
+				t.Fatalf("n=%d stream=%q: want 200 and %d bytes, have %d and %d", n, stream, n, resp.StatusCode, len(body))
+			}
+			if stream == "" && resp.ContentLength != int64(n) {
+				t.Fatalf("n=%d: Content-Length %d", n, resp.ContentLength)
+			}
+			for i := 0; i < n; i++ {
+				if body[i] != 'a'+byte(i%26) {
+					t.Fatalf("n=%d stream=%q: byte %d is %q", n, stream, i, body[i])
+				}
+			}
+		}
 	}
 }

@@ -115,9 +115,14 @@ func (c *seriesCache[K, V]) getOrAdd(k K, mk func() V) V {
 
 // each calls f for every value.
 func (c *seriesCache[K, V]) each(f func(V)) {
+	c.eachKey(func(_ K, v V) { f(v) })
+}
+
+// eachKey calls f for every key and value.
+func (c *seriesCache[K, V]) eachKey(f func(K, V)) {
 	if m := c.m.Load(); m != nil {
-		for _, v := range *m {
-			f(v)
+		for k, v := range *m {
+			f(k, v)
 		}
 	}
 }

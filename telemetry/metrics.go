@@ -52,7 +52,7 @@ type Metrics struct {
 	inFlight metric.Int64ObservableUpDownCounter
 	// inFlightBy holds an *atomic.Int64 per upstream, read at collection
 	// time, so that the hot path pays an atomic add instead of a metric record.
-	inFlightBy         sync.Map
+	inFlightBy         seriesCache[string, *atomic.Int64]
 	retries            metric.Int64Counter
 	breakerTransitions metric.Int64Counter
 	breakerState       metric.Int64Gauge
@@ -118,9 +118,8 @@ func newInstruments(meter metric.Meter) (*Metrics, error) {
 		return fail(MetricInFlight, err)
 	}
 	if _, err = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
-		m.inFlightBy.Range(func(k, v any) bool {
-			o.ObserveInt64(m.inFlight, v.(*atomic.Int64).Load(), m.upstreamOpts(k.(string)).obs...)
-			return true
+		m.inFlightBy.eachKey(func(upstream string, n *atomic.Int64) {
+			o.ObserveInt64(m.inFlight, n.Load(), m.upstreamOpts(upstream).obs...)
 		})
 		return nil
 	}, m.inFlight); err != nil {
@@ -202,11 +201,11 @@ func (m *Metrics) InFlight(upstream string, delta int64) {
 	if m == nil {
 		return
 	}
-	c, ok := m.inFlightBy.Load(upstream)
+	c, ok := m.inFlightBy.get(upstream)
 	if !ok {
-		c, _ = m.inFlightBy.LoadOrStore(upstream, new(atomic.Int64))
+		c = m.inFlightBy.getOrAdd(upstream, func() *atomic.Int64 { return new(atomic.Int64) })
 	}
-	c.(*atomic.Int64).Add(delta)
+	c.Add(delta)
 }
 
 func (m *Metrics) upstreamOpts(upstream string) *setOpts {

@@ -43,19 +43,41 @@ func copyEndToEnd(dst, src http.Header) {
 }
 
 // listedIn reports whether the Connection header values conn name the
-// header k (canonical). Names compare case-insensitively, which is what
+// header k (canonical). Names compare ignoring ASCII case, which is what
 // canonicalising them would do; it allocates nothing.
 func listedIn(conn []string, k string) bool {
 	for _, v := range conn {
 		for v != "" {
 			var f string
 			f, v, _ = strings.Cut(v, ",")
-			if strings.EqualFold(textproto.TrimString(f), k) {
+			if asciiEqualFold(textproto.TrimString(f), k) {
 				return true
 			}
 		}
 	}
 	return false
+}
+
+// asciiEqualFold is strings.EqualFold for ASCII only: header names are
+// tokens, and Unicode folding (the Kelvin sign matching "k") would let a
+// name that is not k remove it.
+func asciiEqualFold(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		x, y := a[i], b[i]
+		if 'A' <= x && x <= 'Z' {
+			x += 'a' - 'A'
+		}
+		if 'A' <= y && y <= 'Z' {
+			y += 'a' - 'A'
+		}
+		if x != y {
+			return false
+		}
+	}
+	return true
 }
 
 // upgradeType returns the protocol a request or response asks to switch to.

@@ -175,9 +175,9 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 				st.transport = was.transport
 			} else {
 				st.transport = newTransport(uc)
-				// Requests in flight keep the old transport; its idle
-				// connections go once they have had time to finish.
-				time.AfterFunc(cfg.Proxy.Drain, was.transport.CloseIdleConnections)
+				// Requests in flight finish on the old transport, which
+				// closes their connections instead of pooling them.
+				was.transport.retire(cfg.Proxy.Drain)
 			}
 			prev.pool.SetPolicy(policy)
 			prev.settings.Store(st)

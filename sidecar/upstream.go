@@ -76,6 +76,20 @@ func (t *upstreamTransport) CloseIdleConnections() {
 	t.std.CloseIdleConnections()
 }
 
+// retire is for a transport no new request will use: its idle connections
+// close now, and the h1 client's busy ones as their exchanges end. net/http
+// pools connections that come back later until its idle timeout; a second
+// sweep after drain (when positive) closes them sooner.
+func (t *upstreamTransport) retire(drain time.Duration) {
+	if t.fast != nil {
+		t.fast.Close()
+	}
+	t.std.CloseIdleConnections()
+	if drain > 0 {
+		time.AfterFunc(drain, t.std.CloseIdleConnections)
+	}
+}
+
 func newTransport(u config.Upstream) *upstreamTransport {
 	std := newStdTransport(u)
 	t := &upstreamTransport{std: std}
@@ -187,7 +201,7 @@ func (u *upstream) stop() {
 		<-u.done
 	}
 	if s := u.settings.Load(); s != nil {
-		s.transport.CloseIdleConnections()
+		s.transport.retire(0)
 	}
 }
 

@@ -1,6 +1,7 @@
 package telemetry
 
 import (
+	"math"
 	"strconv"
 	"strings"
 	"sync"
@@ -30,9 +31,9 @@ var durationBoundsNs = func() []int64 {
 
 // hotHistogram is one series of a duration histogram. Safe for concurrent use.
 type hotHistogram struct {
-	desc   *prometheus.Desc
-	counts [len(durationBuckets) + 1]atomic.Uint64 // per bucket, not cumulative; the last is +Inf
-	sumNs  atomic.Int64
+	desc    *prometheus.Desc
+	counts  [len(durationBuckets) + 1]atomic.Uint64 // per bucket, not cumulative; the last is +Inf
+	sumBits atomic.Uint64                           // float64 seconds, added by compare-and-swap
 }
 
 func (h *hotHistogram) observe(d time.Duration) {
@@ -42,7 +43,15 @@ func (h *hotHistogram) observe(d time.Duration) {
 		i++
 	}
 	h.counts[i].Add(1)
-	h.sumNs.Add(ns)
+	// A float sum, as the SDK kept: nanoseconds in an int64 would wrap
+	// after 292 years of summed latency, which a busy long-poll series
+	// reaches in months.
+	for {
+		old := h.sumBits.Load()
+		if h.sumBits.CompareAndSwap(old, math.Float64bits(math.Float64frombits(old)+d.Seconds())) {
+			return
+		}
+	}
 }
 
 // metric builds the series' sample. Buckets are read one by one while
@@ -55,7 +64,7 @@ func (h *hotHistogram) metric() prometheus.Metric {
 		buckets[b] = cum
 	}
 	cum += h.counts[len(durationBuckets)].Load()
-	return prometheus.MustNewConstHistogram(h.desc, cum, float64(h.sumNs.Load())/1e9, buckets)
+	return prometheus.MustNewConstHistogram(h.desc, cum, math.Float64frombits(h.sumBits.Load()), buckets)
 }
 
 // hotCounter is one series of a counter. Safe for concurrent use.

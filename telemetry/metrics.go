@@ -162,7 +162,7 @@ func (m *Metrics) RequestDone(upstream, instance string, status int, dur time.Du
 	if m == nil {
 		return
 	}
-	rs := m.hot.request(reqKey{upstream: upstream, instance: instance, status: status, errType: errType})
+	rs := m.hot.request(reqKey{upstream: upstream, instance: instance, status: max(status, 0), errType: errType})
 	rs.dur.observe(dur)
 	rs.cnt.n.Add(1)
 }
@@ -192,7 +192,9 @@ func (m *Metrics) ServerRequestDone(upstream string, status int, dur time.Durati
 	if m == nil {
 		return
 	}
-	m.hot.server(srvKey{upstream: upstream, status: status}).observe(dur)
+	// A status below 0 means none, like 0: one series, not two with the
+	// same labels, which would fail the whole scrape.
+	m.hot.server(srvKey{upstream: upstream, status: max(status, 0)}).observe(dur)
 }
 
 // InFlight adds delta (+1 when a request to upstream starts, -1 when it

@@ -301,3 +301,21 @@ func TestDurationBucketEdges(t *testing.T) {
 		t.Errorf("sum: want %v, have %v", want, sum)
 	}
 }
+
+// A negative status is recorded as no status: one series, and the scrape
+// still succeeds (two series with equal labels would fail it).
+func TestNegativeStatusIsNoStatus(t *testing.T) {
+	p, _ := newRecorded(t, Config{})
+	m := p.Metrics
+	m.ServerRequestDone("u", 0, time.Millisecond)
+	m.ServerRequestDone("u", -1, time.Millisecond)
+	m.RequestDone("u", "i", 0, time.Millisecond, "")
+	m.RequestDone("u", "i", -1, time.Millisecond, "")
+	s := scrape(t, p)
+	if have := value(t, s, "http_server_request_duration_seconds_count", map[string]string{"meshd_upstream": "u"}); have != 2 {
+		t.Errorf("server count: want 2, have %v", have)
+	}
+	if have := value(t, s, "http_client_request_duration_seconds_count", map[string]string{"meshd_upstream": "u"}); have != 2 {
+		t.Errorf("client count: want 2, have %v", have)
+	}
+}

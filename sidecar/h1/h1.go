@@ -43,8 +43,9 @@ type Transport struct {
 	// ResponseHeaderTimeout bounds the wait for the response head; 0 = none.
 	headerTimeout time.Duration
 
-	mu    sync.Mutex                       // serialises changes to pools
-	pools atomic.Pointer[map[string]*pool] // read without locking; copied on change
+	mu     sync.Mutex                       // serialises changes to pools
+	pools  atomic.Pointer[map[string]*pool] // read without locking; copied on change
+	closed atomic.Bool                      // set by Close: nothing is pooled any more
 }
 
 // Options configure a Transport.
@@ -75,6 +76,7 @@ func New(o Options) *Transport {
 type pool struct {
 	mu   sync.Mutex
 	idle []*conn
+	dead bool // drained by CloseIdleConnections: no longer reachable
 }
 
 type conn struct {
@@ -170,7 +172,7 @@ func (t *Transport) put(c *conn) {
 	c.idleAt = time.Now()
 	p := t.poolFor(c.addr)
 	p.mu.Lock()
-	if len(p.idle) >= t.maxIdle {
+	if p.dead || t.closed.Load() || len(p.idle) >= t.maxIdle {
 		p.mu.Unlock()
 		c.close()
 		return
@@ -191,8 +193,18 @@ func (t *Transport) CloseIdleConnections() {
 			c.close()
 		}
 		p.idle = nil
+		p.dead = true
 		p.mu.Unlock()
 	}
+}
+
+// Close closes the idle connections, and every other connection when its
+// exchange ends instead of pooling it. Requests after Close still work but
+// open a connection each; Close is for a Transport being retired. Safe for
+// concurrent use.
+func (t *Transport) Close() {
+	t.closed.Store(true)
+	t.CloseIdleConnections()
 }
 
 func (c *conn) close() {
@@ -296,17 +308,6 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 	c.ctx = ctx
 	deadline, hasDeadline := ctx.Deadline()
 	c.setWriteDeadline(deadline) // zero without one
-	headDeadline := deadline
-	if ht := c.t.headerTimeout; ht > 0 && (!hasDeadline || time.Until(deadline) > ht) {
-		// The response head must come within the header timeout. A
-		// deadline already set that falls less than ht/16 short of it is
-		// kept, sparing a timer update per exchange.
-		headDeadline = time.Now().Add(ht)
-		if !c.rdl.IsZero() && !c.rdl.After(headDeadline) && headDeadline.Sub(c.rdl) < ht/16 {
-			headDeadline = c.rdl
-		}
-	}
-	c.setReadDeadline(headDeadline)
 	if ctx.Done() != nil {
 		if c.onCancel == nil {
 			c.onCancel = c.abort // bound once per connection, not per exchange
@@ -332,6 +333,18 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		}
 		return fail(err)
 	}
+	// The header timeout runs from the end of the request, body included,
+	// as net/http's ResponseHeaderTimeout does. A deadline already set that
+	// falls less than ht/16 short of it is kept, sparing a timer update per
+	// exchange.
+	headDeadline := deadline
+	if ht := c.t.headerTimeout; ht > 0 && (!hasDeadline || time.Until(deadline) > ht) {
+		headDeadline = time.Now().Add(ht)
+		if !c.rdl.IsZero() && !c.rdl.After(headDeadline) && headDeadline.Sub(c.rdl) < ht/16 {
+			headDeadline = c.rdl
+		}
+	}
+	c.setReadDeadline(headDeadline)
 	resp, err = c.readResponse(req)
 	if err != nil {
 		if c.reused && errors.Is(err, errNothingRead) {
@@ -362,9 +375,15 @@ func (c *conn) abort() {
 	c.nc.SetDeadline(aLongTimeAgo)
 }
 
+// release stops watching the exchange's context. When the watch already
+// fired (its callback may not have run yet, and would then set deadlines on
+// a pooled connection behind the cached values), the connection counts as
+// cancelled and is closed rather than reused.
 func (c *conn) release() {
 	if c.stopCtx != nil {
-		c.stopCtx()
+		if !c.stopCtx() {
+			c.canceled.Store(true)
+		}
 		c.stopCtx = nil
 	}
 }

@@ -453,3 +453,94 @@ func TestHeaderTimeoutOnReusedConnection(t *testing.T) {
 		t.Fatalf("header timeout honoured only after %v", d)
 	}
 }
+
+// slowBody is an upload that trickles: one byte per tick.
+type slowBody struct {
+	n    int
+	tick time.Duration
+}
+
+func (b *slowBody) Read(p []byte) (int, error) {
+	if b.n == 0 {
+		return 0, io.EOF
+	}
+	time.Sleep(b.tick) // the upload's pace, the scenario itself
+	b.n--
+	p[0] = 'x'
+	return 1, nil
+}
+
+func (b *slowBody) Close() error { return nil }
+
+// The header timeout starts once the request is sent: an upload slower than
+// the timeout, answered at once, succeeds.
+func TestHeaderTimeoutStartsAfterTheUpload(t *testing.T) {
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "got %d", n)
+	})
+	tr := New(Options{ResponseHeaderTimeout: 150 * time.Millisecond})
+	req, _ := http.NewRequest("POST", srv.URL, &slowBody{n: 5, tick: 80 * time.Millisecond})
+	req.ContentLength = 5
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("a 400 ms upload under a 150 ms header timeout: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(b) != "got 5" {
+		t.Fatalf("want %q, have %q", "got 5", b)
+	}
+}
+
+// After Close, connections whose exchange was in flight are closed when it
+// ends instead of going back to the pool.
+func TestCloseRetiresBusyConnections(t *testing.T) {
+	release := make(chan struct{})
+	arrived := make(chan struct{}, 1)
+	closed := make(chan struct{}, 4)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-release
+		io.WriteString(w, "done")
+	}))
+	srv.Config.ConnState = func(c net.Conn, s http.ConnState) {
+		if s == http.StateClosed {
+			closed <- struct{}{}
+		}
+	}
+	srv.Start()
+	t.Cleanup(srv.Close)
+	tr := New(Options{})
+	type result struct {
+		body string
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		req, _ := http.NewRequest("GET", srv.URL, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		done <- result{string(b), err}
+	}()
+	<-arrived
+	tr.Close()
+	close(release)
+	r := <-done
+	if r.err != nil || r.body != "done" {
+		t.Fatalf("the request in flight at Close: want %q, have %q, %v", "done", r.body, r.err)
+	}
+	if n := tr.Idle(strings.TrimPrefix(srv.URL, "http://")); n != 0 {
+		t.Fatalf("after Close: want no pooled connection, have %d", n)
+	}
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the instance never saw the retired connection close")
+	}
+}

@@ -109,6 +109,18 @@ func (c *conn) setReadDeadline(t time.Time) {
 	}
 }
 
+// armReadDeadline sets the read deadline while the exchange's context is
+// watched: a cancellation may have just set its own, immediate deadline,
+// which this one would overwrite, so it is put back. (abort marks the
+// connection before setting its deadline, so one of the two always comes
+// last.)
+func (c *conn) armReadDeadline(t time.Time) {
+	c.setReadDeadline(t)
+	if c.canceled.Load() {
+		c.nc.SetDeadline(aLongTimeAgo)
+	}
+}
+
 func (c *conn) setWriteDeadline(t time.Time) {
 	if !t.Equal(c.wdl) {
 		c.wdl = t
@@ -333,6 +345,9 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		}
 		return fail(err)
 	}
+	if testHookWritten != nil {
+		testHookWritten(c)
+	}
 	// The header timeout runs from the end of the request, body included,
 	// as net/http's ResponseHeaderTimeout does. A deadline already set that
 	// falls less than ht/16 short of it is kept, sparing a timer update per
@@ -344,7 +359,7 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 			headDeadline = c.rdl
 		}
 	}
-	c.setReadDeadline(headDeadline)
+	c.armReadDeadline(headDeadline)
 	resp, err = c.readResponse(req)
 	if err != nil {
 		if c.reused && errors.Is(err, errNothingRead) {
@@ -360,13 +375,16 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		// of it is buffered already. (Without a body, the connection is
 		// back in the pool and no longer this exchange's to touch.)
 		if b.r != &b.limited || b.limited.N > int64(c.br.Buffered()) {
-			c.setReadDeadline(deadline)
+			c.armReadDeadline(deadline)
 		}
 	}
 	return resp, nil
 }
 
 var aLongTimeAgo = time.Unix(1, 0)
+
+// testHookWritten, when set by a test, runs after a request is written.
+var testHookWritten func(*conn)
 
 // abort ends the exchange in progress when its context is done; it runs on
 // the context's goroutine.

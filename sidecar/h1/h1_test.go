@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -542,5 +543,43 @@ func TestCloseRetiresBusyConnections(t *testing.T) {
 	case <-closed:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the instance never saw the retired connection close")
+	}
+}
+
+// A cancellation that lands between the request being written and the
+// response deadline being set still ends the exchange at once: setting the
+// deadline must not undo the cancellation's.
+func TestCancelBeforeTheHeadDeadlineIsSet(t *testing.T) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		select { // never answers
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	testHookWritten = func(c *conn) {
+		cancel()
+		for !c.canceled.Load() { // until the cancellation's callback has run
+			runtime.Gosched()
+		}
+	}
+	t.Cleanup(func() { testHookWritten = nil })
+	tr := New(Options{ResponseHeaderTimeout: 10 * time.Second})
+	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
+	done := make(chan error, 1)
+	go func() {
+		_, err := tr.RoundTrip(req)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("want context.Canceled, have %v", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the cancelled exchange still waits for the instance")
 	}
 }

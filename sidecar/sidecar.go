@@ -171,16 +171,21 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 				return nil, fmt.Errorf("upstream %q: %w", name, err)
 			}
 			was := prev.settings.Load()
+			retired := false
 			if transportKey(was.cfg) == transportKey(uc) {
 				st.transport = was.transport
 			} else {
 				st.transport = newTransport(uc)
-				// Requests in flight finish on the old transport, which
-				// closes their connections instead of pooling them.
-				was.transport.retire(cfg.Proxy.Drain)
+				retired = true
 			}
 			prev.pool.SetPolicy(policy)
 			prev.settings.Store(st)
+			if retired {
+				// Requests in flight finish on the old transport, which
+				// closes their connections instead of pooling them; new
+				// ones already take the new transport.
+				was.transport.retire(cfg.Proxy.Drain)
+			}
 			out[name] = prev
 			continue
 		}

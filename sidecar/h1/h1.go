@@ -345,8 +345,8 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		}
 		return fail(err)
 	}
-	if testHookWritten != nil {
-		testHookWritten(c)
+	if hook := testHookWritten.Load(); hook != nil {
+		(*hook)(c)
 	}
 	// The header timeout runs from the end of the request, body included,
 	// as net/http's ResponseHeaderTimeout does. A deadline already set that
@@ -384,7 +384,7 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 var aLongTimeAgo = time.Unix(1, 0)
 
 // testHookWritten, when set by a test, runs after a request is written.
-var testHookWritten func(*conn)
+var testHookWritten atomic.Pointer[func(*conn)]
 
 // abort ends the exchange in progress when its context is done; it runs on
 // the context's goroutine.

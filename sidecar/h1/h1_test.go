@@ -560,13 +560,14 @@ func TestCancelBeforeTheHeadDeadlineIsSet(t *testing.T) {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	testHookWritten = func(c *conn) {
+	hook := func(c *conn) {
 		cancel()
 		for !c.canceled.Load() { // until the cancellation's callback has run
 			runtime.Gosched()
 		}
 	}
-	t.Cleanup(func() { testHookWritten = nil })
+	testHookWritten.Store(&hook)
+	t.Cleanup(func() { testHookWritten.Store(nil) })
 	tr := New(Options{ResponseHeaderTimeout: 10 * time.Second})
 	req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
 	done := make(chan error, 1)
@@ -581,5 +582,52 @@ func TestCancelBeforeTheHeadDeadlineIsSet(t *testing.T) {
 		}
 	case <-time.After(3 * time.Second):
 		t.Fatal("the cancelled exchange still waits for the instance")
+	}
+}
+
+// Requests cancelled at random moments must never leave a pooled connection
+// that makes a later, uncancelled request fail: a cancellation that fires
+// as its exchange ends closes the connection instead of pooling it.
+func TestRandomCancellationsSpareLaterRequests(t *testing.T) {
+	srv, _ := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	})
+	tr := New(Options{})
+	const workers, per = 4, 300
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	var firstErr atomic.Value
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range per {
+				ctx := context.Background()
+				if i%2 == 1 {
+					var cancel context.CancelFunc
+					ctx, cancel = context.WithCancel(ctx)
+					timer := time.AfterFunc(time.Duration((i*7919+w*104729)%400)*time.Microsecond, cancel)
+					defer timer.Stop()
+				}
+				req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
+				resp, err := tr.RoundTrip(req)
+				if err == nil {
+					var b []byte
+					b, err = io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if err == nil && string(b) != "ok" {
+						err = fmt.Errorf("body %q", b)
+					}
+				}
+				if err != nil && ctx.Err() == nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if n := failed.Load(); n > 0 {
+		t.Fatalf("%d requests that were never cancelled failed; the first: %v", n, firstErr.Load())
 	}
 }

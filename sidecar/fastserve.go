@@ -66,6 +66,10 @@ type fastConn struct {
 	// rdl is the read deadline set on nc. The serving goroutine owns it,
 	// except while a client watch reads (see clientWatch).
 	rdl time.Time
+	// foreignDeadline is set when a handler set a read deadline through
+	// http.ResponseController (to abort a stalled request body): rdl no
+	// longer holds, so the connection closes after the request.
+	foreignDeadline atomic.Bool
 }
 
 // setReadDeadline sets nc's read deadline unless it is already t.
@@ -175,7 +179,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 		fastWriters.Put(bw)
 		f.forget(c)
 	}()
-	w := &fastWriter{bw: bw}
+	w := &fastWriter{bw: bw, fc: c}
 	watch := newClientWatch(c)
 	// Requests are copies of base, which carries the connection's context;
 	// building them so spares the copy WithContext would make per request.
@@ -222,7 +226,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 		if err := w.finish(); err != nil {
 			return
 		}
-		if w.closeAfter || f.closing.Load() {
+		if w.closeAfter || f.closing.Load() || c.foreignDeadline.Load() {
 			return
 		}
 		if body != nil && !body.drain() {
@@ -655,6 +659,7 @@ type fastWriter struct {
 	committed   bool
 	chunked     bool
 	noBody      bool
+	fc          *fastConn
 	closeAfter  bool
 	declared    int64 // Content-Length set by the handler, -1 if none
 	written     int64
@@ -676,6 +681,15 @@ func (w *fastWriter) reset(r *http.Request) {
 }
 
 func (w *fastWriter) Header() http.Header { return w.header }
+
+// SetReadDeadline sets the client connection's read deadline, for
+// http.ResponseController; forward uses it to end a read of a stalled
+// request body. The connection then closes after the request. Safe to call
+// from another goroutine while the handler runs.
+func (w *fastWriter) SetReadDeadline(t time.Time) error {
+	w.fc.foreignDeadline.Store(true)
+	return w.fc.nc.SetReadDeadline(t)
+}
 
 func (w *fastWriter) WriteHeader(code int) {
 	if w.wroteHeader || code < 200 {

@@ -128,6 +128,14 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		ex.fail(http.StatusBadRequest, "", "reading the request body: "+err.Error())
 		return
 	}
+	if body.stream != nil {
+		// A streamed body is read while a try is sent. If the client
+		// stalls, a cancellation or timeout must be able to end that read.
+		ab := &abortableBody{ReadCloser: body.stream, w: w}
+		body.stream = ab
+		ex.ab = ab
+		defer ab.finish()
+	}
 	g.RequestStarted()
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
 	rejected := 0
@@ -186,7 +194,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		t0 := time.Now()
 		resp, err := set.transport.RoundTrip(out)
 		if err != nil {
-			o := g.Classify(r.Context(), err, 0)
+			o := g.Classify(ex.callerCtx(), err, 0)
 			ex.endTry(ep, done, o, aspan, 0, t0, cancelTry)
 			if o.Canceled() {
 				ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
@@ -205,7 +213,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		}
 		now := time.Now()
 		ep.ObserveLatencyAt(now.Sub(t0), now.UnixNano(), balance.DecayOf(snap.Policy))
-		o := g.Classify(r.Context(), nil, resp.StatusCode)
+		o := g.Classify(ex.callerCtx(), nil, resp.StatusCode)
 		if o.Failure() && resp.StatusCode != http.StatusSwitchingProtocols {
 			// A failing status: retry it if the policy allows, on a body
 			// the client has not seen.
@@ -224,7 +232,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		status, n, rerr := s.respond(w, r, resp, ep)
 		ex.status, ex.bytes = status, n
 		if rerr != nil {
-			o = g.Classify(r.Context(), rerr, status)
+			o = g.Classify(ex.callerCtx(), rerr, status)
 			if !o.Canceled() {
 				ex.errType, ex.errMsg = o.Kind(), "response broke off: "+rerr.Error()
 			}
@@ -255,6 +263,18 @@ type exchange struct {
 	bytes    int64
 	errType  string
 	errMsg   string
+	ab       *abortableBody // the streamed body, if any
+}
+
+// callerCtx is the caller's context, for telling the caller going away from
+// meshd's own cancellation. Once meshd has aborted a stalled body read,
+// net/http's server takes the caller for gone and cancels its context; it
+// is not, so that cancellation is ignored.
+func (ex *exchange) callerCtx() context.Context {
+	if ex.ab != nil && ex.ab.wasAborted() {
+		return context.WithoutCancel(ex.r.Context())
+	}
+	return ex.r.Context()
 }
 
 // endTry settles one try: breaker outcome, counters, span and metrics.
@@ -325,7 +345,7 @@ func (ex *exchange) fail(status int, errType, msg string) {
 
 // failCtx answers a request whose budget ran out or whose caller left.
 func (ex *exchange) failCtx(lastErr error) {
-	if ex.r.Context().Err() != nil {
+	if ex.callerCtx().Err() != nil {
 		ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
 		return
 	}
@@ -405,6 +425,43 @@ func (b *reqBody) getBody() (io.ReadCloser, error) {
 		return nil, errors.New("request body is streamed and cannot be resent")
 	}
 	return io.NopCloser(bytes.NewReader(b.buf)), nil
+}
+
+// abortableBody is a streamed request body that the h1 client can interrupt
+// (AbortRead) when the try's context ends while it waits on a stalled
+// client: it sets an immediate read deadline on the client's connection
+// through the ResponseController. finish, called before the handler
+// returns, makes any later AbortRead a no-op, so a late cancellation never
+// touches the connection once it serves another request. Safe for
+// concurrent use of AbortRead with Read.
+type abortableBody struct {
+	io.ReadCloser
+	w       http.ResponseWriter
+	mu      sync.Mutex
+	done    bool
+	aborted bool
+}
+
+// AbortRead ends a Read blocked on the client.
+func (b *abortableBody) AbortRead() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.done {
+		http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo)
+		b.aborted = true
+	}
+}
+
+func (b *abortableBody) wasAborted() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.aborted
+}
+
+func (b *abortableBody) finish() {
+	b.mu.Lock()
+	b.done = true
+	b.mu.Unlock()
 }
 
 // noReqBody is the body of requests without one. It is shared: a reqBody

@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
@@ -712,4 +713,47 @@ upstreams: {svc: {breaker: {consecutive_failures: 3, open_for: 1m}}}
 		}
 	}
 	rzEventually(t, 2*time.Second, "breaker open after 3 timeouts", func() bool { return rzInstance(t, s, "svc", b.addr()).Breaker == "open" })
+}
+
+// A request whose streamed body stalls (the client stops sending but keeps
+// its connection) still ends at its timeout: meshd stops waiting on the
+// client and answers 504 instead of holding the request and the instance's
+// connection until the client gives up.
+func TestRZStalledUploadEndsAtItsTimeout(t *testing.T) {
+	got := make(chan int64, 1)
+	b := newBackend(t, "sink", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		got <- n
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	// 1 MB announced (past the 64 KiB that would be buffered), 100 KiB sent.
+	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\nX-Meshd-Timeout: 300ms\r\n\r\n")
+	c.Write(make([]byte, 100<<10))
+	began := time.Now()
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer while the upload stalls: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		dump, _ := httputil.DumpResponse(resp, false)
+		t.Fatalf("want 504, have %d %s", resp.StatusCode, dump)
+	}
+	if d := time.Since(began); d > 3*time.Second {
+		t.Fatalf("answered only after %v", d)
+	}
+	select {
+	case n := <-got:
+		if n >= 1000000 {
+			t.Fatalf("the instance read the whole body (%d bytes)", n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the instance's request was not ended")
+	}
 }

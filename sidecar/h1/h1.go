@@ -91,6 +91,10 @@ type conn struct {
 	addr     string
 	stopCtx  func() bool
 	onCancel func() // c.abort, bound once
+	// reqBody is the exchange's request body, for abort. Set before the
+	// context is watched; a connection whose watch fired is never reused,
+	// so abort never sees the next exchange's.
+	reqBody  io.ReadCloser
 	canceled atomic.Bool
 	ctx      context.Context
 	// arena and fields are reused across response heads.
@@ -318,6 +322,7 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		return nil, err
 	}
 	c.ctx = ctx
+	c.reqBody = req.Body
 	deadline, hasDeadline := ctx.Deadline()
 	c.setWriteDeadline(deadline) // zero without one
 	if ctx.Done() != nil {
@@ -391,6 +396,10 @@ var testHookWritten atomic.Pointer[func(*conn)]
 func (c *conn) abort() {
 	c.canceled.Store(true)
 	c.nc.SetDeadline(aLongTimeAgo)
+	if a, ok := c.reqBody.(interface{ AbortRead() }); ok {
+		// The request body may be what the exchange waits on.
+		a.AbortRead()
+	}
 }
 
 // release stops watching the exchange's context. When the watch already
@@ -819,6 +828,7 @@ func (c *conn) finish(reuse bool) {
 	}
 	c.reused = false
 	c.ctx = nil
+	c.reqBody = nil // the watch was stopped in time: abort will not run
 	c.t.put(c)
 }
 

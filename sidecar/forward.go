@@ -131,10 +131,17 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	if body.stream != nil {
 		// A streamed body is read while a try is sent. If the client
 		// stalls, a cancellation or timeout must be able to end that read.
-		ab := &abortableBody{ReadCloser: body.stream, w: w}
+		ab := newAbortableBody(body.stream, w)
 		body.stream = ab
 		ex.ab = ab
-		defer ab.finish()
+		// The budget ending (or the caller leaving) ends the read too,
+		// whichever transport is reading. net/http's Transport waits for
+		// its body write before RoundTrip returns, so it needs this.
+		stop := context.AfterFunc(ctx, ab.AbortRead)
+		defer func() {
+			stop()
+			ab.settle(body.used)
+		}()
 	}
 	g.RequestStarted()
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
@@ -436,10 +443,45 @@ func (b *reqBody) getBody() (io.ReadCloser, error) {
 // concurrent use of AbortRead with Read.
 type abortableBody struct {
 	io.ReadCloser
-	w       http.ResponseWriter
-	mu      sync.Mutex
-	done    bool
-	aborted bool
+	w         http.ResponseWriter
+	mu        sync.Mutex
+	done      bool
+	aborted   bool
+	closed    chan struct{} // closed by Close
+	closeOnce sync.Once
+}
+
+func newAbortableBody(rc io.ReadCloser, w http.ResponseWriter) *abortableBody {
+	return &abortableBody{ReadCloser: rc, w: w, closed: make(chan struct{})}
+}
+
+// Close is called by the transport when it is done with the body.
+func (b *abortableBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.closeOnce.Do(func() { close(b.closed) })
+	return err
+}
+
+// settle runs as the handler returns. A transport may still be reading the
+// body (net/http's writes it on a goroutine of its own, past the response):
+// that read is ended and awaited, so that nothing reads the client's
+// connection once the server goes on with it. Then later AbortReads do
+// nothing.
+func (b *abortableBody) settle(handedOver bool) {
+	if handedOver {
+		select {
+		case <-b.closed:
+		default:
+			b.AbortRead()
+			t := time.NewTimer(5 * time.Second) // a bound, should a transport never close it
+			select {
+			case <-b.closed:
+			case <-t.C:
+			}
+			t.Stop()
+		}
+	}
+	b.finish()
 }
 
 // AbortRead ends a Read blocked on the client.

@@ -720,12 +720,21 @@ upstreams: {svc: {breaker: {consecutive_failures: 3, open_for: 1m}}}
 // client and answers 504 instead of holding the request and the instance's
 // connection until the client gives up.
 func TestRZStalledUploadEndsAtItsTimeout(t *testing.T) {
+	// meshd's own HTTP/1.1 client, and net/http's Transport (which a
+	// connection cap selects), which may still read the body after its
+	// RoundTrip returned.
+	for _, upstream := range []string{"{}", "{max_conns_per_instance: 4}"} {
+		t.Run(upstream, func(t *testing.T) { rzStalledUpload(t, upstream) })
+	}
+}
+
+func rzStalledUpload(t *testing.T, upstream string) {
 	got := make(chan int64, 1)
 	b := newBackend(t, "sink", func(w http.ResponseWriter, r *http.Request) {
 		n, _ := io.Copy(io.Discard, r.Body)
 		got <- n
 	})
-	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
 	c, err := net.Dial("tcp", s.Addr("outbound"))
 	if err != nil {
 		t.Fatal(err)
@@ -755,5 +764,26 @@ func TestRZStalledUploadEndsAtItsTimeout(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the instance's request was not ended")
+	}
+}
+
+// A streamed upload to an instance that refuses connections gets its 502 at
+// once: the body the transport never started to send is settled at once.
+func TestRZStreamedUploadToDeadInstanceFailsFast(t *testing.T) {
+	dead := rzClosedAddr(t)
+	for _, upstream := range []string{"{}", "{max_conns_per_instance: 4}"} {
+		t.Run(upstream, func(t *testing.T) {
+			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", dead, upstream))
+			c := rzClient(s, 1)
+			body := strings.Repeat("x", 200<<10) // past the 64 KiB buffered for retries
+			began := time.Now()
+			st, _, err := rzDo(context.Background(), c, "POST", "http://svc/", body, nil)
+			if err != nil || st != http.StatusBadGateway {
+				t.Fatalf("want 502, have %d %v", st, err)
+			}
+			if d := time.Since(began); d > 2*time.Second {
+				t.Fatalf("the 502 took %v", d)
+			}
+		})
 	}
 }

@@ -275,10 +275,17 @@ func Supports(req *http.Request) bool {
 // EOF or closed, which returns the connection to the pool. A request that
 // meets a pooled connection the instance had closed is sent again on a new
 // connection when it can be (no body, or GetBody).
-func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+func (t *Transport) RoundTrip(req *http.Request) (resp *http.Response, err error) {
 	if !Supports(req) {
 		return nil, ErrUnsupported
 	}
+	defer func() {
+		// As http.RoundTripper asks: the body is closed on errors too,
+		// including those before it was written (closing twice is harmless).
+		if err != nil && req.Body != nil {
+			req.Body.Close()
+		}
+	}()
 	ctx := req.Context()
 	addr := req.URL.Host
 	for try := 0; ; try++ {

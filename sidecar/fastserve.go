@@ -794,7 +794,7 @@ func (w *fastWriter) commit() error {
 		w.chunked = true
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
 	}
-	if w.closeAfter {
+	if w.closeAfter || w.fc != nil && w.fc.foreignDeadline.Load() {
 		bw.WriteString("Connection: close\r\n")
 	}
 	bw.WriteString("\r\n")

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -131,7 +132,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	if body.stream != nil {
 		// A streamed body is read while a try is sent. If the client
 		// stalls, a cancellation or timeout must be able to end that read.
-		ab := newAbortableBody(body.stream, w)
+		ab := newAbortableBody(body.stream, w, r.Context(), body.length)
 		body.stream = ab
 		ex.ab = ab
 		// The budget ending (or the caller leaving) ends the read too,
@@ -344,6 +345,11 @@ func (ex *exchange) fail(status int, errType, msg string) {
 	if errType == "" && status >= 500 {
 		ex.errType = strconv.Itoa(status)
 	}
+	if ex.ab != nil && ex.ab.wasAborted() {
+		// The client's connection had its read cut short: it cannot carry
+		// another request.
+		ex.w.Header().Set("Connection", "close")
+	}
 	writeError(ex.w, status, msg)
 	if status >= 500 {
 		ex.u.errors.Add(1)
@@ -434,26 +440,55 @@ func (b *reqBody) getBody() (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(b.buf)), nil
 }
 
-// abortableBody is a streamed request body that the h1 client can interrupt
-// (AbortRead) when the try's context ends while it waits on a stalled
-// client: it sets an immediate read deadline on the client's connection
-// through the ResponseController. finish, called before the handler
-// returns, makes any later AbortRead a no-op, so a late cancellation never
-// touches the connection once it serves another request. Safe for
-// concurrent use of AbortRead with Read.
+// abortableBody is a streamed request body whose read meshd can end
+// (AbortRead) when the request's budget or try ends while the transport
+// waits on a client that stopped sending: it sets an immediate read
+// deadline on the client's connection through the ResponseController. It
+// does so only while the body is unfinished and the caller still there,
+// and never after finish (called before the handler returns), so a late
+// cancellation cannot touch the connection once it serves another request.
+// A read error that meshd did not cause is the caller's doing and is
+// reported as such (clientBodyError). Read is called by one transport
+// goroutine at a time; AbortRead may run concurrently with it.
 type abortableBody struct {
 	io.ReadCloser
 	w         http.ResponseWriter
-	mu        sync.Mutex
+	caller    context.Context
+	length    int64 // -1 when unknown
+	got       int64 // bytes read; only Read touches it
+	complete  atomic.Bool
+	aborted   atomic.Bool
+	mu        sync.Mutex // orders AbortRead and finish
 	done      bool
-	aborted   bool
 	closed    chan struct{} // closed by Close
 	closeOnce sync.Once
 }
 
-func newAbortableBody(rc io.ReadCloser, w http.ResponseWriter) *abortableBody {
-	return &abortableBody{ReadCloser: rc, w: w, closed: make(chan struct{})}
+func newAbortableBody(rc io.ReadCloser, w http.ResponseWriter, caller context.Context, length int64) *abortableBody {
+	return &abortableBody{ReadCloser: rc, w: w, caller: caller, length: length, closed: make(chan struct{})}
 }
+
+func (b *abortableBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.got += int64(n)
+	if err == io.EOF || b.length >= 0 && b.got >= b.length {
+		b.complete.Store(true)
+	}
+	if err != nil && err != io.EOF && !b.aborted.Load() {
+		err = &clientBodyError{err}
+	}
+	return n, err
+}
+
+// clientBodyError is a failure reading the request body from the caller
+// (it hung up mid-upload, or sent a broken body): not the instance's fault.
+// It matches context.Canceled, so the try counts as cancelled by the caller.
+type clientBodyError struct{ err error }
+
+func (e *clientBodyError) Error() string {
+	return "reading the request body from the caller: " + e.err.Error()
+}
+func (e *clientBodyError) Unwrap() []error { return []error{context.Canceled, e.err} }
 
 // Close is called by the transport when it is done with the body.
 func (b *abortableBody) Close() error {
@@ -484,21 +519,20 @@ func (b *abortableBody) settle(handedOver bool) {
 	b.finish()
 }
 
-// AbortRead ends a Read blocked on the client.
+// AbortRead ends a Read blocked on the client. It does nothing once the
+// body is complete (nothing more is read from the client) or when the
+// caller has gone (its read fails on its own).
 func (b *abortableBody) AbortRead() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if !b.done {
-		http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo)
-		b.aborted = true
+	if b.done || b.complete.Load() || b.caller.Err() != nil {
+		return
 	}
+	b.aborted.Store(true) // before the deadline, so Read sees it with the error
+	http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo)
 }
 
-func (b *abortableBody) wasAborted() bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.aborted
-}
+func (b *abortableBody) wasAborted() bool { return b.aborted.Load() }
 
 func (b *abortableBody) finish() {
 	b.mu.Lock()

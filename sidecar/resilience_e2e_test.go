@@ -757,6 +757,9 @@ func rzStalledUpload(t *testing.T, upstream string) {
 	if d := time.Since(began); d > 3*time.Second {
 		t.Fatalf("answered only after %v", d)
 	}
+	if !resp.Close {
+		t.Fatal("the 504 after an aborted upload must close the connection (its read was cut short)")
+	}
 	select {
 	case n := <-got:
 		if n >= 1000000 {
@@ -783,6 +786,103 @@ func TestRZStreamedUploadToDeadInstanceFailsFast(t *testing.T) {
 			}
 			if d := time.Since(began); d > 2*time.Second {
 				t.Fatalf("the 502 took %v", d)
+			}
+		})
+	}
+}
+
+// When the budget ends after a streamed body was sent in full, the answer
+// is a 504 and the client's connection stays good for its next request:
+// nothing is aborted on it.
+func TestRZTimeoutAfterStreamedUploadKeepsTheConnection(t *testing.T) {
+	for _, upstream := range []string{"{}", "{max_conns_per_instance: 4}"} {
+		for _, chunked := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/chunked=%v", upstream, chunked), func(t *testing.T) {
+				release := make(chan struct{})
+				var once sync.Once
+				unblock := func() { once.Do(func() { close(release) }) }
+				t.Cleanup(unblock)
+				b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+					io.Copy(io.Discard, r.Body)
+					if r.Method == http.MethodPost {
+						select { // answers only after the budget
+						case <-release:
+						case <-r.Context().Done():
+						}
+						return
+					}
+					io.WriteString(w, "ok")
+				})
+				s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
+				c, err := net.Dial("tcp", s.Addr("outbound"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(10 * time.Second))
+				br := bufio.NewReader(c)
+				body := strings.Repeat("x", 200<<10)
+				if chunked {
+					fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nX-Meshd-Timeout: 300ms\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(body), body)
+				} else {
+					fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\nX-Meshd-Timeout: 300ms\r\n\r\n%s", len(body), body)
+				}
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusGatewayTimeout || resp.Close {
+					t.Fatalf("first: want a kept-alive 504, have %d (close %v)", resp.StatusCode, resp.Close)
+				}
+				fmt.Fprintf(c, "GET http://svc/ HTTP/1.1\r\nHost: svc\r\n\r\n")
+				resp, err = http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("second request on the kept-alive connection: %v", err)
+				}
+				got, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || string(got) != "ok" {
+					t.Fatalf("second: want 200 %q, have %d %q", "ok", resp.StatusCode, got)
+				}
+			})
+		}
+	}
+}
+
+// A caller that hangs up in the middle of a streamed upload does not count
+// against the instance.
+func TestRZHangUpMidUploadIsNotAFailure(t *testing.T) {
+	for _, upstream := range []string{"{}", "{max_conns_per_instance: 4}"} {
+		t.Run(upstream, func(t *testing.T) {
+			reading := make(chan struct{}, 1)
+			b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+				buf := make([]byte, 1024)
+				r.Body.Read(buf)
+				select {
+				case reading <- struct{}{}:
+				default:
+				}
+				io.Copy(io.Discard, r.Body)
+			})
+			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
+			settled := func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 }
+			const hangups = 6
+			for i := 0; i < hangups; i++ {
+				c, err := net.Dial("tcp", s.Addr("outbound"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\n\r\n")
+				c.Write(make([]byte, 100<<10))
+				<-reading
+				c.Close()
+				rzEventually(t, 5*time.Second, "the abandoned try settled", settled)
+			}
+			in := rzInstance(t, s, "svc", b.addr())
+			if in.Failures != 0 || in.Breaker != "closed" {
+				t.Fatalf("after %d hang-ups mid-upload: want 0 failures and a closed breaker, have %d and %s", hangups, in.Failures, in.Breaker)
 			}
 		})
 	}

@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.opentelemetry.io/otel/trace"
@@ -201,6 +202,27 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		m.InFlight(u.name, 1)
 		t0 := time.Now()
 		resp, err := set.transport.RoundTrip(out)
+		var cbe *clientBodyError
+		switch {
+		case err == nil:
+		case ex.ab != nil && ex.ab.wasAborted():
+			// The budget ended while meshd waited on the caller's body: a
+			// timeout, but the caller's, not the instance's.
+			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
+			ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, "upstream "+quote(u.name)+": request timed out while the caller's body stalled")
+			return
+		case errors.As(err, &cbe):
+			// The caller's body broke off or was malformed: not the
+			// instance's fault either.
+			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
+			if cbe.callerGone() || ex.callerCtx().Err() != nil {
+				ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
+				return
+			}
+			ex.closeConn()
+			ex.fail(http.StatusBadRequest, "", cbe.Error())
+			return
+		}
 		if err != nil {
 			o := g.Classify(ex.callerCtx(), err, 0)
 			ex.endTry(ep, done, o, aspan, 0, t0, cancelTry)
@@ -273,6 +295,22 @@ type exchange struct {
 	errMsg   string
 	ab       *abortableBody // the streamed body, if any
 }
+
+// closeConn asks that the caller's HTTP/1 connection close after this
+// answer. (On HTTP/2 it would end every stream of the connection.)
+func (ex *exchange) closeConn() {
+	if ex.r.ProtoMajor == 1 {
+		ex.w.Header().Set("Connection", "close")
+	}
+}
+
+// canceledCtx is a context already cancelled, to classify a try the caller
+// ended: the breaker does not count it.
+var canceledCtx = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
 
 // callerCtx is the caller's context, for telling the caller going away from
 // meshd's own cancellation. Once meshd has aborted a stalled body read,
@@ -348,7 +386,7 @@ func (ex *exchange) fail(status int, errType, msg string) {
 	if ex.ab != nil && ex.ab.wasAborted() {
 		// The client's connection had its read cut short: it cannot carry
 		// another request.
-		ex.w.Header().Set("Connection", "close")
+		ex.closeConn()
 	}
 	writeError(ex.w, status, msg)
 	if status >= 500 {
@@ -457,7 +495,9 @@ type abortableBody struct {
 	length    int64 // -1 when unknown
 	got       int64 // bytes read; only Read touches it
 	complete  atomic.Bool
-	aborted   atomic.Bool
+	aborted   atomic.Bool // a Read blocked on the caller was ended
+	stop      atomic.Bool // no more reads: the budget ended
+	inRead    atomic.Bool
 	mu        sync.Mutex // orders AbortRead and finish
 	done      bool
 	closed    chan struct{} // closed by Close
@@ -469,6 +509,14 @@ func newAbortableBody(rc io.ReadCloser, w http.ResponseWriter, caller context.Co
 }
 
 func (b *abortableBody) Read(p []byte) (int, error) {
+	// inRead and stop order Read against AbortRead (both sequentially
+	// consistent): either this Read sees stop, or AbortRead sees it reading
+	// and ends it with a deadline.
+	b.inRead.Store(true)
+	defer b.inRead.Store(false)
+	if b.stop.Load() {
+		return 0, errBodyStopped
+	}
 	n, err := b.ReadCloser.Read(p)
 	b.got += int64(n)
 	if err == io.EOF || b.length >= 0 && b.got >= b.length {
@@ -480,15 +528,23 @@ func (b *abortableBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// errBodyStopped is a Read after the budget ended.
+var errBodyStopped = errors.New("request budget ended before the body was sent")
+
 // clientBodyError is a failure reading the request body from the caller
 // (it hung up mid-upload, or sent a broken body): not the instance's fault.
-// It matches context.Canceled, so the try counts as cancelled by the caller.
 type clientBodyError struct{ err error }
 
-func (e *clientBodyError) Error() string {
-	return "reading the request body from the caller: " + e.err.Error()
+func (e *clientBodyError) Error() string { return "reading the request body: " + e.err.Error() }
+func (e *clientBodyError) Unwrap() error { return e.err }
+
+// callerGone reports whether the read failed because the caller's
+// connection ended, rather than on a malformed body.
+func (e *clientBodyError) callerGone() bool {
+	var ne net.Error
+	return errors.Is(e.err, io.ErrUnexpectedEOF) || errors.Is(e.err, io.EOF) || errors.Is(e.err, net.ErrClosed) ||
+		errors.Is(e.err, syscall.ECONNRESET) || errors.As(e.err, &ne)
 }
-func (e *clientBodyError) Unwrap() []error { return []error{context.Canceled, e.err} }
 
 // Close is called by the transport when it is done with the body.
 func (b *abortableBody) Close() error {
@@ -519,17 +575,21 @@ func (b *abortableBody) settle(handedOver bool) {
 	b.finish()
 }
 
-// AbortRead ends a Read blocked on the client. It does nothing once the
-// body is complete (nothing more is read from the client) or when the
-// caller has gone (its read fails on its own).
+// AbortRead stops further reads and ends one blocked on the caller (which
+// wasAborted then reports: the caller stalled, not the instance). It does
+// nothing once the body is complete, when the caller has gone (its read
+// fails on its own) or after finish.
 func (b *abortableBody) AbortRead() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.done || b.complete.Load() || b.caller.Err() != nil {
 		return
 	}
-	b.aborted.Store(true) // before the deadline, so Read sees it with the error
-	http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo)
+	b.stop.Store(true)
+	if b.inRead.Load() {
+		b.aborted.Store(true) // before the deadline, so Read sees it with the error
+		http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo)
+	}
 }
 
 func (b *abortableBody) wasAborted() bool { return b.aborted.Load() }

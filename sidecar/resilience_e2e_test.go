@@ -768,6 +768,11 @@ func rzStalledUpload(t *testing.T, upstream string) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the instance's request was not ended")
 	}
+	// The caller stalled, not the instance.
+	rzEventually(t, 5*time.Second, "the try settled", func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 })
+	if in := rzInstance(t, s, "svc", b.addr()); in.Failures != 0 {
+		t.Fatalf("a stalled caller counted as %d instance failures", in.Failures)
+	}
 }
 
 // A streamed upload to an instance that refuses connections gets its 502 at
@@ -858,6 +863,9 @@ func TestRZHangUpMidUploadIsNotAFailure(t *testing.T) {
 		t.Run(upstream, func(t *testing.T) {
 			reading := make(chan struct{}, 1)
 			b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+				if r.Method != http.MethodPost {
+					return
+				}
 				buf := make([]byte, 1024)
 				r.Body.Read(buf)
 				select {
@@ -870,6 +878,11 @@ func TestRZHangUpMidUploadIsNotAFailure(t *testing.T) {
 			settled := func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 }
 			const hangups = 6
 			for i := 0; i < hangups; i++ {
+				// A GET first, so that the upload may take a pooled
+				// connection to the instance.
+				if st, _, err := rzDo(context.Background(), rzClient(s, 1), "GET", "http://svc/", "", nil); err != nil || st != 200 {
+					t.Fatalf("GET: %d %v", st, err)
+				}
 				c, err := net.Dial("tcp", s.Addr("outbound"))
 				if err != nil {
 					t.Fatal(err)
@@ -885,5 +898,35 @@ func TestRZHangUpMidUploadIsNotAFailure(t *testing.T) {
 				t.Fatalf("after %d hang-ups mid-upload: want 0 failures and a closed breaker, have %d and %s", hangups, in.Failures, in.Breaker)
 			}
 		})
+	}
+}
+
+// A streamed body that turns out malformed (a bad chunk size past the
+// buffered part) is the caller's error: a 400, not an empty answer, and not
+// held against the instance.
+func TestRZMalformedStreamedBodyIsA400(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	chunk := strings.Repeat("x", 200<<10)
+	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\nZZZZ\r\n", len(chunk), chunk)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer to a malformed body: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("want 400, have %d", resp.StatusCode)
+	}
+	rzEventually(t, 5*time.Second, "the try settled", func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 })
+	if in := rzInstance(t, s, "svc", b.addr()); in.Failures != 0 {
+		t.Fatalf("a malformed body counted as %d instance failures", in.Failures)
 	}
 }

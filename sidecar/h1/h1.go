@@ -352,7 +352,8 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		return nil, e
 	}
 	if err := c.writeRequest(req); err != nil {
-		if c.reused && isClosedErr(err) {
+		var bre *bodyReadError
+		if c.reused && isClosedErr(err) && !errors.As(err, &bre) {
 			return fail(errStale)
 		}
 		return fail(err)
@@ -489,9 +490,10 @@ func (c *conn) writeRequest(req *http.Request) error {
 	}
 	defer body.Close()
 	var err error
+	src := &readTracker{r: body}
 	if chunked {
 		cw := httputil.NewChunkedWriter(bw)
-		_, err = io.Copy(cw, body)
+		_, err = io.Copy(cw, src)
 		if err == nil {
 			err = cw.Close()
 		}
@@ -500,17 +502,44 @@ func (c *conn) writeRequest(req *http.Request) error {
 		}
 	} else {
 		var n int64
-		n, err = io.Copy(bw, io.LimitReader(body, req.ContentLength))
+		src.r = io.LimitReader(body, req.ContentLength)
+		n, err = io.Copy(bw, src)
 		if err == nil && n != req.ContentLength {
 			err = fmt.Errorf("h1: request body is %d bytes, Content-Length said %d", n, req.ContentLength)
 		}
 	}
 	if err != nil {
 		c.broken.Store(true)
+		if src.err != nil {
+			return &bodyReadError{src.err}
+		}
 		return &bodyError{err}
 	}
 	return bw.Flush()
 }
+
+// readTracker records the error of reading the request body, to tell it
+// from an error writing to the instance.
+type readTracker struct {
+	r   io.Reader
+	err error
+}
+
+func (t *readTracker) Read(p []byte) (int, error) {
+	n, err := t.r.Read(p)
+	if err != nil && err != io.EOF {
+		t.err = err
+	}
+	return n, err
+}
+
+// bodyReadError is a failure reading the request body from its source: the
+// connection to the instance is not to blame, so it is never taken for a
+// stale one.
+type bodyReadError struct{ err error }
+
+func (e *bodyReadError) Error() string { return "h1: reading the request body: " + e.err.Error() }
+func (e *bodyReadError) Unwrap() error { return e.err }
 
 // bodyError is a failure while sending the request body (the instance may
 // have seen part of the request).

@@ -528,8 +528,9 @@ func (b *abortableBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// errBodyStopped is a Read after the budget ended.
-var errBodyStopped = errors.New("request budget ended before the body was sent")
+// errBodyStopped is a Read after the budget ended, while the transport was
+// busy with the instance: it is the request's timeout.
+var errBodyStopped = fmt.Errorf("request budget ended before the body was sent: %w", context.DeadlineExceeded)
 
 // clientBodyError is a failure reading the request body from the caller
 // (it hung up mid-upload, or sent a broken body): not the instance's fault.

@@ -1,8 +1,13 @@
 package sidecar
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net/http"
 	"testing"
+
+	"github.com/meshd/meshd/resilience"
 )
 
 func TestCopyEndToEndDropsListedHeaders(t *testing.T) {
@@ -37,5 +42,17 @@ func TestCopyEndToEndDropsListedHeaders(t *testing.T) {
 	}
 	if upgradeType(http.Header{"Upgrade": {"websocket"}}) != "" {
 		t.Error("upgradeType: an Upgrade header not listed in Connection asks for nothing")
+	}
+}
+
+// A body read refused because the budget ended is the request's timeout,
+// for the transport's error and for the breaker alike.
+func TestStoppedBodyIsATimeout(t *testing.T) {
+	if !errors.Is(errBodyStopped, context.DeadlineExceeded) {
+		t.Fatal("errBodyStopped should match context.DeadlineExceeded")
+	}
+	o := resilience.Classify(context.Background(), fmt.Errorf("h1: writing the request body: %w", errBodyStopped), 0, resilience.FailureConfig{})
+	if o.Kind() != resilience.KindTimeout {
+		t.Fatalf("classified as %q, want %q", o.Kind(), resilience.KindTimeout)
 	}
 }

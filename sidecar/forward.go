@@ -203,6 +203,9 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		t0 := time.Now()
 		resp, err := set.transport.RoundTrip(out)
 		var cbe *clientBodyError
+		if err != nil {
+			cbe = asClientBodyError(err)
+		}
 		switch {
 		case err == nil:
 		case ex.ab != nil && ex.ab.wasAborted():
@@ -211,7 +214,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
 			ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, "upstream "+quote(u.name)+": request timed out while the caller's body stalled")
 			return
-		case errors.As(err, &cbe):
+		case cbe != nil:
 			// The caller's body broke off or was malformed: not the
 			// instance's fault either.
 			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
@@ -538,6 +541,16 @@ type clientBodyError struct{ err error }
 
 func (e *clientBodyError) Error() string { return "reading the request body: " + e.err.Error() }
 func (e *clientBodyError) Unwrap() error { return e.err }
+
+// asClientBodyError finds a clientBodyError in err's chain, or nil. (A
+// function of its own, so that the error path alone pays for errors.As.)
+func asClientBodyError(err error) *clientBodyError {
+	var cbe *clientBodyError
+	if errors.As(err, &cbe) {
+		return cbe
+	}
+	return nil
+}
 
 // callerGone reports whether the read failed because the caller's
 // connection ended, rather than on a malformed body.

@@ -275,17 +275,10 @@ func Supports(req *http.Request) bool {
 // EOF or closed, which returns the connection to the pool. A request that
 // meets a pooled connection the instance had closed is sent again on a new
 // connection when it can be (no body, or GetBody).
-func (t *Transport) RoundTrip(req *http.Request) (resp *http.Response, err error) {
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !Supports(req) {
 		return nil, ErrUnsupported
 	}
-	defer func() {
-		// As http.RoundTripper asks: the body is closed on errors too,
-		// including those before it was written (closing twice is harmless).
-		if err != nil && req.Body != nil {
-			req.Body.Close()
-		}
-	}()
 	ctx := req.Context()
 	addr := req.URL.Host
 	for try := 0; ; try++ {
@@ -293,6 +286,7 @@ func (t *Transport) RoundTrip(req *http.Request) (resp *http.Response, err error
 		if c == nil {
 			var err error
 			if c, err = t.dialConn(ctx, addr); err != nil {
+				closeBody(req)
 				return nil, err
 			}
 		}
@@ -314,7 +308,16 @@ func (t *Transport) RoundTrip(req *http.Request) (resp *http.Response, err error
 				}
 			}
 		}
+		closeBody(req)
 		return nil, err
+	}
+}
+
+// closeBody closes a request's body on an error, as http.RoundTripper asks,
+// including before it was written (closing twice is harmless).
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		req.Body.Close()
 	}
 }
 

@@ -33,6 +33,7 @@ type Sidecar struct {
 	cfg       atomic.Pointer[config.Config]
 	upstreams atomic.Pointer[map[string]*upstream]
 	catalog   *static.Catalog
+	catalogMu sync.Mutex // serializes catalog swaps by Reload and the static file watcher
 	consul    *consul.Source
 	consulCfg config.Consul
 	registrar *consul.Registrar
@@ -366,8 +367,10 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 	if err := s.syncListeners(cfg); err != nil {
 		return err
 	}
+	s.catalogMu.Lock()
 	s.catalog.Replace(staticInstances(cfg.Static))
 	s.cfg.Store(cfg)
+	s.catalogMu.Unlock()
 	// Keep on-demand watches that the new config does not name.
 	for name, u := range old {
 		if _, ok := ups[name]; !ok && u.onDemand {

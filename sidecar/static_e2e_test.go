@@ -98,3 +98,87 @@ func startLogged(t *testing.T, yaml string, w io.Writer) *Sidecar {
 	waitReady(t, s)
 	return s
 }
+
+// An edit that lands after the config was loaded but before the watcher's
+// first poll must still reach routing: the watcher compares against the
+// content the config was built from, not a later read.
+func TestStaticCatalogEditDuringStartIsApplied(t *testing.T) {
+	old := staticFilePoll
+	staticFilePoll = 20 * time.Millisecond
+	t.Cleanup(func() { staticFilePoll = old })
+	b1, b2 := newBackend(t, "b1", nil), newBackend(t, "b2", nil)
+	catalog := filepath.Join(t.TempDir(), "catalog.yaml")
+	if err := os.WriteFile(catalog, []byte("payments: ["+b1.addr()+"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig(fmt.Sprintf("discovery: {static_file: %s}\nupstreams: {payments: {}}\n", catalog))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(catalog, []byte("payments: ["+b2.addr()+"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(10 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	waitFor(t, "the edit made during start to reach routing", func() bool {
+		st := status(t, s, "payments")
+		return len(st.Instances) == 1 && st.Instances[0].Address == b2.addr()
+	})
+}
+
+// A file that names a service discovery.static already has is refused on
+// change, as it is when the config loads, and routing stays as it was.
+func TestStaticCatalogFileDuplicateIsRejected(t *testing.T) {
+	old := staticFilePoll
+	staticFilePoll = 20 * time.Millisecond
+	t.Cleanup(func() { staticFilePoll = old })
+	b1, b2 := newBackend(t, "b1", nil), newBackend(t, "b2", nil)
+	catalog := filepath.Join(t.TempDir(), "catalog.yaml")
+	if err := os.WriteFile(catalog, []byte("payments: ["+b1.addr()+"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	logs := &syncBuf{}
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {orders: [%s]}, static_file: %s}\nupstreams: {payments: {}, orders: {}}\n", b1.addr(), catalog), logs)
+	if err := os.WriteFile(catalog, []byte("payments: ["+b2.addr()+"]\norders: ["+b2.addr()+"]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the duplicate to be rejected", func() bool {
+		return strings.Contains(logs.String(), `service \"orders\" is in both discovery.static and the file`)
+	})
+	for _, svc := range []string{"payments", "orders"} {
+		if st := status(t, s, svc); len(st.Instances) != 1 || st.Instances[0].Address != b1.addr() {
+			t.Fatalf("%s: a refused catalog file changed routing: %+v", svc, st.Instances)
+		}
+	}
+}
+
+func TestStaticFileSettledNeedsTwoEqualReads(t *testing.T) {
+	old := staticFileSettle
+	staticFileSettle = time.Millisecond
+	t.Cleanup(func() { staticFileSettle = old })
+	s := start(t, "discovery: {static: {p: [127.0.0.1:1]}}\nupstreams: {p: {}}\n")
+	f := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(f, []byte("p: [127.0.0.1:2]\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if !s.settled(f, []byte("p: [127.0.0.1:2]\n")) {
+		t.Fatal("unchanged content not settled")
+	}
+	if s.settled(f, []byte("")) {
+		t.Fatal("content read half-written (empty) counted as settled")
+	}
+	if s.settled(filepath.Join(t.TempDir(), "gone.yaml"), nil) {
+		t.Fatal("a missing file counted as settled")
+	}
+}

@@ -52,6 +52,10 @@ type Config struct {
 	File string `yaml:"-"`
 	// Static is the merged static catalog: discovery.static plus discovery.static_file.
 	Static map[string][]StaticEntry `yaml:"-"`
+	// StaticFileData is the content of discovery.static_file that Static was
+	// built from (nil without a static file). The file watcher compares
+	// against it, so a change made while the config was loading is not missed.
+	StaticFileData []byte `yaml:"-"`
 }
 
 // Service describes the app beside the sidecar (inbound proxy and registration).
@@ -343,6 +347,7 @@ func (c *Config) loadStaticFile(d *decoder) {
 		d.errs[len(d.errs)-1].Line = d.lines["discovery.static_file"]
 		return
 	}
+	c.StaticFileData = data
 	m, err := ParseStatic(p, data)
 	if err != nil {
 		var es Errors

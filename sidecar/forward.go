@@ -125,25 +125,25 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	if rc.Retry.Disabled {
 		limit = 0
 	}
-	body, err := prepareBody(r, limit)
-	if err != nil {
-		ex.fail(http.StatusBadRequest, "", "reading the request body: "+err.Error())
-		return
-	}
-	if body.stream != nil {
-		// A streamed body is read while a try is sent. If the client
-		// stalls, a cancellation or timeout must be able to end that read.
-		ab := newAbortableBody(body.stream, w, r.Context(), body.length)
-		body.stream = ab
+	var body *reqBody
+	if hasBody(r) {
+		// The caller's body is read while buffering it and, past the
+		// buffer, while a try is sent. If the caller stalls, the budget
+		// ending (or the caller leaving) must end that read, whichever
+		// transport is reading: net/http's Transport waits for its body
+		// write before RoundTrip returns.
+		ab := newAbortableBody(r.Body, w, r.Context(), r.ContentLength)
 		ex.ab = ab
-		// The budget ending (or the caller leaving) ends the read too,
-		// whichever transport is reading. net/http's Transport waits for
-		// its body write before RoundTrip returns, so it needs this.
 		stop := context.AfterFunc(ctx, ab.AbortRead)
 		defer func() {
 			stop()
-			ab.settle(body.used)
+			ab.settle(body != nil && body.used)
 		}()
+	}
+	body, err = prepareBody(r, ex.ab, limit)
+	if err != nil {
+		ex.bodyFailed(err)
+		return
 	}
 	g.RequestStarted()
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
@@ -296,7 +296,7 @@ type exchange struct {
 	bytes    int64
 	errType  string
 	errMsg   string
-	ab       *abortableBody // the streamed body, if any
+	ab       *abortableBody // the request body, if any
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this
@@ -397,6 +397,21 @@ func (ex *exchange) fail(status int, errType, msg string) {
 	}
 }
 
+// bodyFailed answers a request whose body could not be read in full before
+// any try: the budget ended while the caller stalled (504), the caller left
+// (499) or the body was malformed (400). None is an instance's doing.
+func (ex *exchange) bodyFailed(err error) {
+	switch cbe := asClientBodyError(err); {
+	case ex.ab.wasAborted() || errors.Is(err, errBodyStopped):
+		ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, "upstream "+quote(ex.u.name)+": request timed out while the caller's body stalled")
+	case cbe != nil && (cbe.callerGone() || ex.callerCtx().Err() != nil):
+		ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
+	default:
+		ex.closeConn()
+		ex.fail(http.StatusBadRequest, "", "reading the request body: "+err.Error())
+	}
+}
+
 // failCtx answers a request whose budget ran out or whose caller left.
 func (ex *exchange) failCtx(lastErr error) {
 	if ex.callerCtx().Err() != nil {
@@ -481,10 +496,11 @@ func (b *reqBody) getBody() (io.ReadCloser, error) {
 	return io.NopCloser(bytes.NewReader(b.buf)), nil
 }
 
-// abortableBody is a streamed request body whose read meshd can end
-// (AbortRead) when the request's budget or try ends while the transport
-// waits on a client that stopped sending: it sets an immediate read
-// deadline on the client's connection through the ResponseController. It
+// abortableBody is a request body whose read meshd can end (AbortRead)
+// when the request's budget ends while meshd buffers it, or while a
+// transport streams it, and the client has stopped sending: it sets an
+// immediate read deadline on the client's connection through the
+// ResponseController. It
 // does so only while the body is unfinished and the caller still there,
 // and never after finish (called before the handler returns), so a late
 // cancellation cannot touch the connection once it serves another request.
@@ -620,22 +636,22 @@ var noReqBody = &reqBody{none: true}
 
 // prepareBody buffers bodies up to limit so that they can be resent; larger
 // ones (and unknown lengths beyond limit) are streamed once.
-func prepareBody(r *http.Request, limit int64) (*reqBody, error) {
-	if r.Body == nil || r.Body == http.NoBody || (r.ContentLength == 0 && len(r.TransferEncoding) == 0) {
+func prepareBody(r *http.Request, ab *abortableBody, limit int64) (*reqBody, error) {
+	if ab == nil {
 		return noReqBody, nil
 	}
 	if r.ContentLength > limit {
-		return &reqBody{stream: r.Body, length: r.ContentLength}, nil
+		return &reqBody{stream: ab, length: r.ContentLength}, nil
 	}
 	if r.ContentLength > 0 {
 		buf := make([]byte, r.ContentLength)
-		if _, err := io.ReadFull(r.Body, buf); err != nil {
+		if _, err := io.ReadFull(ab, buf); err != nil {
 			return nil, err
 		}
 		return &reqBody{buf: buf, length: r.ContentLength}, nil
 	}
 	// Unknown length: read up to limit; past it, stream the rest.
-	buf, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	buf, err := io.ReadAll(io.LimitReader(ab, limit+1))
 	if err != nil {
 		return nil, err
 	}
@@ -645,7 +661,12 @@ func prepareBody(r *http.Request, limit int64) (*reqBody, error) {
 	return &reqBody{stream: struct {
 		io.Reader
 		io.Closer
-	}{io.MultiReader(bytes.NewReader(buf), r.Body), r.Body}, length: -1}, nil
+	}{io.MultiReader(bytes.NewReader(buf), ab), ab}, length: -1}, nil
+}
+
+// hasBody reports whether r carries a request body to forward.
+func hasBody(r *http.Request) bool {
+	return r.Body != nil && r.Body != http.NoBody && (r.ContentLength != 0 || len(r.TransferEncoding) != 0)
 }
 
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}

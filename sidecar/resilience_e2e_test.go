@@ -930,3 +930,76 @@ func TestRZMalformedStreamedBodyIsA400(t *testing.T) {
 		t.Fatalf("a malformed body counted as %d instance failures", in.Failures)
 	}
 }
+
+// A small body (one meshd buffers for retries) that stalls is bounded by the
+// request's timeout as well: a 504 that closes the connection, no try sent,
+// and nothing held against the instance.
+func TestRZStalledBufferedBodyEndsAtItsTimeout(t *testing.T) {
+	for _, chunked := range []bool{false, true} {
+		t.Run(fmt.Sprintf("chunked=%v", chunked), func(t *testing.T) {
+			var hits atomic.Int64
+			b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { hits.Add(1) })
+			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+			c, err := net.Dial("tcp", s.Addr("outbound"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			if chunked {
+				fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nX-Meshd-Timeout: 300ms\r\n\r\n3e8\r\n%s", strings.Repeat("x", 100))
+			} else {
+				fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\nX-Meshd-Timeout: 300ms\r\n\r\n%s", strings.Repeat("x", 100))
+			}
+			began := time.Now()
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatalf("no answer while the small body stalls: %v", err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusGatewayTimeout {
+				t.Fatalf("want 504, have %d", resp.StatusCode)
+			}
+			if d := time.Since(began); d > 3*time.Second {
+				t.Fatalf("answered only after %v", d)
+			}
+			if !resp.Close {
+				t.Fatal("the 504 after a cut-short body must close the connection")
+			}
+			in := rzInstance(t, s, "svc", b.addr())
+			if hits.Load() != 0 || in.Failures != 0 || in.InFlight != 0 {
+				t.Fatalf("a stalled caller reached the instance: %d requests, %d failures, %d in flight", hits.Load(), in.Failures, in.InFlight)
+			}
+		})
+	}
+}
+
+// A caller that hangs up while meshd buffers its small body is a 499 in the
+// access log (the caller left), not a 400 (a bad request).
+func TestRZHangUpDuringBufferedBodyIs499(t *testing.T) {
+	var hits atomic.Int64
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { hits.Add(1) })
+	logs := &syncBuf{}
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()), logs)
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "POST http://svc/upload HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\n\r\n%s", strings.Repeat("x", 100))
+	c.Close()
+	waitFor(t, "the abandoned request in the access log", func() bool {
+		return strings.Contains(logs.String(), "path=/upload")
+	})
+	line := ""
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "path=/upload") {
+			line = l
+		}
+	}
+	if !strings.Contains(line, "status=499") {
+		t.Fatalf("want status=499, have %s", line)
+	}
+	if hits.Load() != 0 {
+		t.Fatalf("the instance saw %d requests", hits.Load())
+	}
+}

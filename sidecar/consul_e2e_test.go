@@ -6,6 +6,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -16,6 +18,7 @@ import (
 	"github.com/hashicorp/consul/api"
 
 	"github.com/meshd/meshd/internal/testenv"
+	"github.com/meshd/meshd/sidecar/config"
 )
 
 // consulEnvClear keeps a developer's CONSUL_* variables out of the tests.
@@ -446,4 +449,66 @@ upstreams:
 			t.Errorf("%s: source %q", name, st.Source)
 		}
 	}
+}
+
+// A production-like agent: the API over HTTPS only to clients with a
+// certificate. meshd discovers and registers through it, with the files
+// named relative to its config file.
+func TestConsulOverTLS(t *testing.T) {
+	consulEnvClear(t)
+	files := testenv.NewTLSFiles(t)
+	c := testenv.StartConsul(t, testenv.WithTLS(files))
+	cl := c.Client(t) // plain HTTP, the test's own view
+	b1 := newBackend(t, "b1", nil)
+	register(t, cl, "payments", "p1", b1, false)
+	app := newBackend(t, "app", nil)
+	_, port, _ := net.SplitHostPort(app.addr())
+	dir := filepath.Dir(files.CA)
+	yaml := fmt.Sprintf(`
+listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}
+service: {name: orders, port: %s, register: true}
+discovery:
+  consul: {address: %s, scheme: https, ca_file: %s, cert_file: %s, key_file: %s}
+upstreams: {payments: {discovery: consul}}
+`, port, c.HTTPSAddr(), filepath.Base(files.CA), filepath.Base(files.ClientCert), filepath.Base(files.ClientKey))
+	path := filepath.Join(dir, "meshd.yaml")
+	if err := os.WriteFile(path, []byte(yaml), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(10 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	resp, err := proxyClient(s).Get("http://payments/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := readAll(t, resp); resp.StatusCode != 200 || body != "b1" {
+		t.Fatalf("discovery over HTTPS: want 200 b1, have %d %q", resp.StatusCode, body)
+	}
+	waitFor(t, "orders registered over HTTPS", func() bool {
+		svcs, err := cl.Agent().Services()
+		if err != nil {
+			return false
+		}
+		for _, v := range svcs {
+			if v.Service == "orders" {
+				return true
+			}
+		}
+		return false
+	})
 }

@@ -26,6 +26,7 @@ type ConsulOption func(*consulSettings)
 
 type consulSettings struct {
 	acl   bool
+	tls   *TLSFiles
 	extra []string
 }
 
@@ -33,6 +34,11 @@ type consulSettings struct {
 // management token (see Consul.ManagementToken), which is also the agent's
 // own token so that it can register its node and local services.
 func WithACL() ConsulOption { return func(s *consulSettings) { s.acl = true } }
+
+// WithTLS also serves the HTTP API over HTTPS (see Consul.HTTPSAddr) with
+// f's server certificate, and requires a client certificate signed by f's CA
+// there. The plain HTTP port stays open for the test's own client.
+func WithTLS(f *TLSFiles) ConsulOption { return func(s *consulSettings) { s.tls = f } }
 
 // WithHCL adds a fragment of agent configuration in HCL.
 func WithHCL(hcl string) ConsulOption {
@@ -82,6 +88,19 @@ func StartConsul(t testing.TB, opts ...ConsulOption) *Consul {
   }
 }`, c.token, c.token))
 	}
+	https := -1
+	if s.tls != nil {
+		https = FreePort(t)
+		c.ports["https"] = https
+		hcl = append(hcl, fmt.Sprintf(`tls {
+  defaults {
+    ca_file = %q
+    cert_file = %q
+    key_file = %q
+  }
+  https { verify_incoming = true }
+}`, s.tls.CA, s.tls.ServerCert, s.tls.ServerKey))
+	}
 	hcl = append(hcl, s.extra...)
 	args := []string{
 		"agent", "-dev",
@@ -91,7 +110,7 @@ func StartConsul(t testing.TB, opts ...ConsulOption) *Consul {
 		"-client", "127.0.0.1",
 		"-advertise", "127.0.0.1",
 		"-http-port", fmt.Sprint(c.ports["http"]),
-		"-https-port", "-1",
+		"-https-port", fmt.Sprint(https),
 		"-dns-port", fmt.Sprint(c.ports["dns"]),
 		"-grpc-port", fmt.Sprint(c.ports["grpc"]),
 		"-grpc-tls-port", fmt.Sprint(c.ports["grpc_tls"]),
@@ -112,6 +131,9 @@ func StartConsul(t testing.TB, opts ...ConsulOption) *Consul {
 
 // Addr is the agent's HTTP address, "127.0.0.1:PORT".
 func (c *Consul) Addr() string { return fmt.Sprintf("127.0.0.1:%d", c.ports["http"]) }
+
+// HTTPSAddr is the agent's HTTPS address (with WithTLS), "127.0.0.1:PORT".
+func (c *Consul) HTTPSAddr() string { return fmt.Sprintf("127.0.0.1:%d", c.ports["https"]) }
 
 // URL is the agent's HTTP base URL.
 func (c *Consul) URL() string { return "http://" + c.Addr() }

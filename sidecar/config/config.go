@@ -299,6 +299,7 @@ func Parse(file string, data []byte) (*Config, error) {
 	}
 	d.decode(&root, reflectValue(c), "")
 	c.loadStaticFile(d)
+	c.resolvePaths()
 	c.applyDefaults()
 	c.validate(d)
 	if len(d.errs) > 0 {
@@ -366,14 +367,29 @@ func (c *Config) loadStaticFile(d *decoder) {
 	}
 }
 
-// StaticFilePath resolves discovery.static_file relative to the config file.
-func (c *Config) StaticFilePath() string {
-	p := c.Discovery.StaticFile
+// resolvePaths makes the Consul section's file paths (token_file, ca_file,
+// cert_file, key_file) relative to the config file, as static_file is, so
+// that meshd reads the same files whatever directory it starts in.
+func (c *Config) resolvePaths() {
+	cc := c.Discovery.Consul
+	if cc == nil {
+		return
+	}
+	for _, p := range []*string{&cc.TokenFile, &cc.CAFile, &cc.CertFile, &cc.KeyFile} {
+		*p = c.relative(*p)
+	}
+}
+
+// relative resolves p against the config file's directory.
+func (c *Config) relative(p string) string {
 	if p == "" || filepath.IsAbs(p) || c.File == "" {
 		return p
 	}
 	return filepath.Join(filepath.Dir(c.File), p)
 }
+
+// StaticFilePath resolves discovery.static_file relative to the config file.
+func (c *Config) StaticFilePath() string { return c.relative(c.Discovery.StaticFile) }
 
 func (c *Config) applyDefaults() {
 	if c.Listen.Outbound == "" {
@@ -506,6 +522,9 @@ func (c *Config) validate(d *decoder) {
 		}
 		if cc.Token != "" && cc.TokenFile != "" {
 			at("discovery.consul.token_file", "set token or token_file, not both")
+		}
+		if (cc.CertFile == "") != (cc.KeyFile == "") {
+			at("discovery.consul.cert_file", "set cert_file and key_file together (a client certificate needs its key)")
 		}
 	}
 	for i, pat := range c.Discovery.OnDemandAllow {

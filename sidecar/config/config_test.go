@@ -114,6 +114,7 @@ func TestEveryValidationError(t *testing.T) {
 		{"sample ratio", base + "telemetry: {sample_ratio: 2}\n", "telemetry.sample_ratio", "0 to 1", 4},
 		{"propagator", base + "telemetry: {propagators: [jaeger]}\n", "telemetry.propagators[0]", "tracecontext", 4},
 		{"consul scheme", base + "discovery:\n  consul: {scheme: ftp}\n", "", "", 0},
+		{"consul cert without key", "discovery:\n  consul: {cert_file: /etc/c.pem}\n", "discovery.consul.cert_file", "together", 2},
 		{"static file missing", base + "discovery: {static_file: /nonexistent/catalog.yaml}\n", "", "", 0},
 		{"not yaml", "listen: [\n", "", "not valid YAML", 0},
 		{"mapping expected", "listen: 5\n", "listen", "want a mapping", 1},
@@ -206,6 +207,28 @@ func TestStaticFile(t *testing.T) {
 	var es Errors
 	if !errors.As(err, &es) || !strings.Contains(es.Error(), "catalog.yaml:2: inventory[0].address") {
 		t.Fatalf("want an error in catalog.yaml line 2, have %v", err)
+	}
+}
+
+// The Consul section's files are found beside the config file, as the
+// static catalog is; absolute paths stay as written.
+func TestConsulFilesRelativeToTheConfig(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "meshd.yaml"), []byte("discovery:\n  consul: {token_file: tok, ca_file: tls/ca.pem, cert_file: /abs/c.pem, key_file: ../k.pem}\n"), 0o644)
+	c, err := Load(filepath.Join(dir, "meshd.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cc := c.Discovery.Consul
+	for _, p := range [][2]string{
+		{cc.TokenFile, filepath.Join(dir, "tok")},
+		{cc.CAFile, filepath.Join(dir, "tls", "ca.pem")},
+		{cc.CertFile, "/abs/c.pem"},
+		{cc.KeyFile, filepath.Join(filepath.Dir(dir), "k.pem")},
+	} {
+		if p[0] != p[1] {
+			t.Errorf("want %s, have %s", p[1], p[0])
+		}
 	}
 }
 

@@ -2,8 +2,6 @@ package sidecar
 
 import (
 	"bytes"
-	"fmt"
-	"os"
 	"time"
 
 	"github.com/meshd/meshd/sidecar/config"
@@ -14,12 +12,21 @@ var staticFilePoll = time.Second
 
 // staticFileSettle is how long after seeing new content the file is read
 // again; the change is applied only when both reads agree, so a file caught
-// half-written (truncated, then filled) is never taken as the catalog.
+// while a quick writer fills it is not taken as the catalog. (A slower
+// in-place writer can still be caught; renaming a finished file into place
+// is the safe way to edit.)
 var staticFileSettle = 50 * time.Millisecond
+
+// Test hooks, nil in production: staticFileSettling runs when new content
+// is about to be settled, staticFilePolled after each poll.
+var staticFileSettling, staticFilePolled func()
 
 // startStaticFileWatch follows discovery.static_file of the config in force
 // (it may change on reload) and replaces the catalog when the file's content
-// changes. A file that fails to parse is logged and the last good catalog stays.
+// changes. Content is checked as loading the config checks it (it must
+// parse, must not repeat a service of discovery.static, and must leave every
+// static upstream an instance); refused content is logged once and the last
+// good catalog stays.
 //
 // The baseline is the content the config in force was built from, not a
 // fresh read, so an edit landing between the config load and the first poll
@@ -31,7 +38,7 @@ func (s *Sidecar) startStaticFileWatch(initial *config.Config) {
 		defer s.bg.Done()
 		base := initial
 		last := initial.StaticFileData
-		broken := false // the content in last was refused or unreadable; said once
+		unreadable := false
 		t := time.NewTicker(staticFilePoll)
 		defer t.Stop()
 		for {
@@ -40,67 +47,63 @@ func (s *Sidecar) startStaticFileWatch(initial *config.Config) {
 				return
 			case <-t.C:
 			}
-			cfg := s.cfg.Load()
-			if cfg != base {
-				// A reload loaded the file (or dropped it) itself.
-				base, last, broken = cfg, cfg.StaticFileData, false
-			}
-			path := cfg.StaticFilePath()
-			if path == "" {
-				continue
-			}
-			data, err := os.ReadFile(path)
-			if err != nil {
-				if !broken {
-					s.log.Warn("static catalog file unreadable; keeping the last good catalog", "file", path, "err", err)
-					broken = true
-				}
-				continue
-			}
-			if bytes.Equal(data, last) {
-				continue
-			}
-			if !s.settled(path, data) {
-				continue // still being written; look again next poll
-			}
-			last = data
-			m, err := config.ParseStatic(path, data)
-			if err != nil {
-				s.log.Error("static catalog file rejected; keeping the last good catalog", "file", path, "err", err)
-				broken = true
-				continue
-			}
-			merged := map[string][]config.StaticEntry{}
-			for k, v := range cfg.Discovery.Static {
-				merged[k] = v
-			}
-			dup := ""
-			for k, v := range m {
-				if _, ok := merged[k]; ok {
-					dup = k
-					break
-				}
-				merged[k] = v
-			}
-			if dup != "" {
-				// Loading the config refuses this too.
-				s.log.Error("static catalog file rejected; keeping the last good catalog", "file", path,
-					"err", fmt.Sprintf("service %q is in both discovery.static and the file", dup))
-				broken = true
-				continue
-			}
-			broken = false
-			s.catalogMu.Lock()
-			applied := s.cfg.Load() == cfg
-			if applied {
-				s.catalog.Replace(staticInstances(merged))
-			}
-			s.catalogMu.Unlock()
-			if applied {
-				s.log.Info("static catalog file reloaded", "file", path, "services", len(m))
+			s.pollStaticFile(&base, &last, &unreadable)
+			if staticFilePolled != nil {
+				staticFilePolled()
 			}
 		}
 	}()
+}
+
+// pollStaticFile is one look at the catalog file; base, last and
+// unreadable are the watcher's state (the config last seen, the content
+// last considered, whether the file was unreadable).
+func (s *Sidecar) pollStaticFile(base **config.Config, last *[]byte, unreadable *bool) {
+	cfg := s.cfg.Load()
+	if cfg != *base {
+		// A reload loaded the file (or dropped it) itself.
+		*base, *last, *unreadable = cfg, cfg.StaticFileData, false
+	}
+	path := cfg.StaticFilePath()
+	if path == "" {
+		return
+	}
+	data, err := config.ReadStaticFile(path)
+	if err != nil {
+		if !*unreadable {
+			s.log.Warn("static catalog file unreadable; keeping the last good catalog", "file", path, "err", err)
+			*unreadable = true
+		}
+		return
+	}
+	if *unreadable {
+		s.log.Info("static catalog file readable again", "file", path)
+		*unreadable = false
+	}
+	if bytes.Equal(data, *last) {
+		return
+	}
+	if staticFileSettling != nil {
+		staticFileSettling()
+	}
+	if !s.settled(path, data) {
+		return // still being written; look again next poll
+	}
+	*last = data
+	merged, err := cfg.StaticWithFile(data)
+	if err != nil {
+		s.log.Error("static catalog file rejected; keeping the last good catalog", "file", path, "err", err)
+		return
+	}
+	s.catalogMu.Lock()
+	applied := s.cfg.Load() == cfg
+	if applied {
+		s.catalog.Replace(staticInstances(merged))
+	}
+	s.catalogMu.Unlock()
+	if applied {
+		s.log.Info("static catalog file reloaded", "file", path, "services", len(merged))
+	}
 }
 
 // settled reports whether path still holds data after staticFileSettle.
@@ -110,6 +113,6 @@ func (s *Sidecar) settled(path string, data []byte) bool {
 		return false
 	case <-time.After(staticFileSettle):
 	}
-	again, err := os.ReadFile(path)
+	again, err := config.ReadStaticFile(path)
 	return err == nil && bytes.Equal(again, data)
 }

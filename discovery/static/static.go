@@ -37,6 +37,15 @@ func (c *Catalog) Has(service string) bool {
 	return ok
 }
 
+// Lookup returns a copy of service's instances and whether the catalog
+// has the service.
+func (c *Catalog) Lookup(service string) ([]discovery.Instance, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	in, ok := c.services[service]
+	return slices.Clone(in), ok
+}
+
 // Replace swaps in a new catalog and sends the new set to every watcher of a
 // service whose instances changed.
 func (c *Catalog) Replace(services map[string][]discovery.Instance) {

@@ -342,7 +342,7 @@ func (c *Config) loadStaticFile(d *decoder) {
 		return
 	}
 	p := c.StaticFilePath()
-	data, err := os.ReadFile(p)
+	data, err := ReadStaticFile(p)
 	if err != nil {
 		d.fail(nil, "discovery.static_file", "%v", err)
 		d.errs[len(d.errs)-1].Line = d.lines["discovery.static_file"]
@@ -357,14 +357,73 @@ func (c *Config) loadStaticFile(d *decoder) {
 		}
 		return
 	}
-	for k, v := range m {
-		if _, dup := c.Static[k]; dup {
+	c.mergeStatic(d, c.Static, m, p)
+}
+
+// mergeStatic adds the services of the catalog file p to into, which holds
+// discovery.static; a service in both is an error, every one reported.
+func (c *Config) mergeStatic(d *decoder, into, file map[string][]StaticEntry, p string) {
+	names := make([]string, 0, len(file))
+	for k := range file {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	for _, k := range names {
+		if _, dup := into[k]; dup {
 			d.fail(nil, "discovery.static_file", "service %q is in both discovery.static and %s", k, p)
 			d.errs[len(d.errs)-1].Line = d.lines["discovery.static_file"]
 			continue
 		}
-		c.Static[k] = v
+		into[k] = file[k]
 	}
+}
+
+// ReadStaticFile reads a catalog file. Anything but a regular file (a FIFO
+// would block the read forever) is an error.
+func ReadStaticFile(path string) ([]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file (%s)", path, fi.Mode().Type())
+	}
+	return os.ReadFile(path)
+}
+
+// StaticWithFile returns the catalog c would have with data as the content
+// of its discovery.static_file, checked as Load checks it: a file that does
+// not parse, names a service discovery.static lists, or leaves an upstream
+// that uses the static catalog without instances is an error (Errors). c is
+// only read; the result is a new map.
+func (c *Config) StaticWithFile(data []byte) (map[string][]StaticEntry, error) {
+	p := c.StaticFilePath()
+	m, err := ParseStatic(p, data)
+	if err != nil {
+		return nil, err
+	}
+	d := &decoder{file: c.File, lines: map[string]int{}}
+	merged := make(map[string][]StaticEntry, len(c.Discovery.Static)+len(m))
+	for k, v := range c.Discovery.Static {
+		merged[k] = v
+	}
+	c.mergeStatic(d, merged, m, p)
+	names := make([]string, 0, len(c.Upstreams))
+	for n, u := range c.Upstreams {
+		if u.Discovery == "static" {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if _, ok := merged[n]; !ok {
+			d.fail(nil, "upstreams."+n, "no instances: %q is not in %s nor in discovery.static", n, p)
+		}
+	}
+	if len(d.errs) > 0 {
+		return nil, d.errs
+	}
+	return merged, nil
 }
 
 // resolvePaths makes the Consul section's file paths (token_file, ca_file,

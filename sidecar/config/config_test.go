@@ -210,6 +210,40 @@ func TestStaticFile(t *testing.T) {
 	}
 }
 
+// A new content of the catalog file is checked as loading checks it; the
+// config keeps the content it was built from.
+func TestStaticWithFile(t *testing.T) {
+	dir := t.TempDir()
+	file := filepath.Join(dir, "catalog.yaml")
+	os.WriteFile(file, []byte("payments: [127.0.0.1:7001]\n"), 0o644)
+	os.WriteFile(filepath.Join(dir, "meshd.yaml"), []byte("discovery: {static: {a: [127.0.0.1:1], b: [127.0.0.1:2]}, static_file: catalog.yaml}\nupstreams: {payments: {}, a: {}}\n"), 0o644)
+	c, err := Load(filepath.Join(dir, "meshd.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(c.StaticFileData) != "payments: [127.0.0.1:7001]\n" {
+		t.Fatalf("StaticFileData: have %q", c.StaticFileData)
+	}
+	m, err := c.StaticWithFile([]byte("payments: [127.0.0.1:7002]\nextra: [127.0.0.1:7003]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m) != 4 || m["payments"][0].Address != "127.0.0.1:7002" || m["a"][0].Address != "127.0.0.1:1" {
+		t.Fatalf("merged catalog: have %+v", m)
+	}
+	_, err = c.StaticWithFile([]byte("payments: [127.0.0.1:7002]\na: [127.0.0.1:9]\nb: [127.0.0.1:9]\n"))
+	if err == nil || !strings.Contains(err.Error(), `service "a" is in both`) || !strings.Contains(err.Error(), `service "b" is in both`) {
+		t.Fatalf("want both duplicates reported, have %v", err)
+	}
+	_, err = c.StaticWithFile([]byte("other: [127.0.0.1:7002]\n"))
+	if err == nil || !strings.Contains(err.Error(), "upstreams.payments: no instances") {
+		t.Fatalf("want the upstream left without instances reported, have %v", err)
+	}
+	if _, err = c.StaticWithFile([]byte("payments: [nothost]\n")); err == nil || !strings.Contains(err.Error(), "catalog.yaml:1") {
+		t.Fatalf("want a parse error naming the file and line, have %v", err)
+	}
+}
+
 // The Consul section's files are found beside the config file, as the
 // static catalog is; absolute paths stay as written.
 func TestConsulFilesRelativeToTheConfig(t *testing.T) {

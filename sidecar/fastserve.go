@@ -593,6 +593,10 @@ type fastBody struct {
 	finished atomic.Bool // done, readable from the client watch
 }
 
+// errMalformedTrailer is a chunked body whose trailer section is broken:
+// the caller's mistake, answered 400, not a hang-up.
+var errMalformedTrailer = errors.New("malformed chunked trailer section")
+
 func (b *fastBody) Read(p []byte) (int, error) {
 	if b.done {
 		return 0, io.EOF
@@ -607,8 +611,14 @@ func (b *fastBody) Read(p []byte) (int, error) {
 			// Like net/http, the section must end with CRLF.
 			for {
 				line, lerr := b.br.ReadSlice('\n')
+				if lerr == io.EOF {
+					b.err = io.ErrUnexpectedEOF // the caller stopped sending
+					return n, b.err
+				}
 				if lerr != nil || string(line) == "\n" {
-					b.err = io.ErrUnexpectedEOF
+					// A bare LF ending the section, or a trailer line
+					// past the buffer: the body is malformed.
+					b.err = errMalformedTrailer
 					return n, b.err
 				}
 				if string(line) == "\r\n" {
@@ -691,6 +701,11 @@ func (w *fastWriter) SetReadDeadline(t time.Time) error {
 	return w.fc.nc.SetReadDeadline(t)
 }
 
+// closeAfterResponse makes the connection close after this response and
+// the response say so (the Connection header of the handler's own header
+// map is not sent on this path).
+func (w *fastWriter) closeAfterResponse() { w.closeAfter = true }
+
 func (w *fastWriter) WriteHeader(code int) {
 	if w.wroteHeader || code < 200 {
 		return
@@ -699,6 +714,7 @@ func (w *fastWriter) WriteHeader(code int) {
 	if code == http.StatusNoContent || code == http.StatusNotModified {
 		w.noBody = true
 	}
+
 	if v := w.header["Content-Length"]; len(v) == 1 {
 		if n, err := strconv.ParseInt(v[0], 10, 64); err == nil && n >= 0 {
 			w.declared = n

@@ -145,6 +145,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		ex.bodyFailed(err)
 		return
 	}
+	ex.body = body
 	g.RequestStarted()
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
 	rejected := 0
@@ -219,7 +220,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			// instance's fault either.
 			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
 			if cbe.callerGone() || ex.callerCtx().Err() != nil {
-				ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
+				ex.callerLeftMidBody()
 				return
 			}
 			ex.closeConn()
@@ -297,14 +298,20 @@ type exchange struct {
 	errType  string
 	errMsg   string
 	ab       *abortableBody // the request body, if any
+	body     *reqBody       // the body as prepared for tries, once it is
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this
 // answer. (On HTTP/2 it would end every stream of the connection.)
 func (ex *exchange) closeConn() {
-	if ex.r.ProtoMajor == 1 {
-		ex.w.Header().Set("Connection", "close")
+	if ex.r.ProtoMajor != 1 {
+		return
 	}
+	if c, ok := ex.w.(interface{ closeAfterResponse() }); ok {
+		c.closeAfterResponse()
+		return
+	}
+	ex.w.Header().Set("Connection", "close")
 }
 
 // canceledCtx is a context already cancelled, to classify a try the caller
@@ -316,11 +323,11 @@ var canceledCtx = func() context.Context {
 }()
 
 // callerCtx is the caller's context, for telling the caller going away from
-// meshd's own cancellation. Once meshd has aborted a stalled body read,
-// net/http's server takes the caller for gone and cancels its context; it
-// is not, so that cancellation is ignored.
+// meshd's own cancellation. Once meshd has cut the caller's body read
+// short, net/http's server may take the caller for gone and cancel its
+// context; it is not, so that cancellation is ignored.
 func (ex *exchange) callerCtx() context.Context {
-	if ex.ab != nil && ex.ab.wasAborted() {
+	if ex.ab != nil && ex.ab.wasCut() {
 		return context.WithoutCancel(ex.r.Context())
 	}
 	return ex.r.Context()
@@ -386,10 +393,19 @@ func (ex *exchange) fail(status int, errType, msg string) {
 	if errType == "" && status >= 500 {
 		ex.errType = strconv.Itoa(status)
 	}
-	if ex.ab != nil && ex.ab.wasAborted() {
-		// The client's connection had its read cut short: it cannot carry
-		// another request.
-		ex.closeConn()
+	if ex.ab != nil {
+		if ex.ctx.Err() != nil || ex.body != nil && ex.body.used {
+			// The rest of the body will not be read: the budget is over,
+			// or a transport took part of it. Cut it now, before the
+			// answer goes out (the budget's own AbortRead may not have
+			// run yet), rather than let the server wait to discard it.
+			ex.ab.AbortRead()
+		}
+		if ex.ab.wasCut() {
+			// The client's connection had its read cut short: it cannot
+			// carry another request.
+			ex.closeConn()
+		}
 	}
 	writeError(ex.w, status, msg)
 	if status >= 500 {
@@ -405,11 +421,26 @@ func (ex *exchange) bodyFailed(err error) {
 	case ex.ab.wasAborted() || errors.Is(err, errBodyStopped):
 		ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, "upstream "+quote(ex.u.name)+": request timed out while the caller's body stalled")
 	case cbe != nil && (cbe.callerGone() || ex.callerCtx().Err() != nil):
-		ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
+		ex.callerLeftMidBody()
 	default:
+		msg := "reading the request body: " + err.Error()
+		if cbe != nil {
+			msg = cbe.Error()
+		}
 		ex.closeConn()
-		ex.fail(http.StatusBadRequest, "", "reading the request body: "+err.Error())
+		ex.fail(http.StatusBadRequest, "", msg)
 	}
+}
+
+// callerLeftMidBody ends a request whose caller stopped sending its body
+// part way (it closed or reset its connection). It is recorded as 499, the
+// caller's doing. A caller that only half-closed may still be reading, so
+// it gets a 400 that closes the connection, never the server's default
+// empty 200; one that has gone never sees it.
+func (ex *exchange) callerLeftMidBody() {
+	ex.closeConn()
+	writeError(ex.w, http.StatusBadRequest, "the request body ended before its end")
+	ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
 }
 
 // failCtx answers a request whose budget ran out or whose caller left.
@@ -515,6 +546,7 @@ type abortableBody struct {
 	got       int64 // bytes read; only Read touches it
 	complete  atomic.Bool
 	aborted   atomic.Bool // a Read blocked on the caller was ended
+	cut       atomic.Bool // the caller's connection got a past read deadline
 	stop      atomic.Bool // no more reads: the budget ended
 	inRead    atomic.Bool
 	mu        sync.Mutex // orders AbortRead and finish
@@ -616,11 +648,24 @@ func (b *abortableBody) AbortRead() {
 		return
 	}
 	b.stop.Store(true)
-	if b.inRead.Load() {
+	reading := b.inRead.Load()
+	if reading {
 		b.aborted.Store(true) // before the deadline, so Read sees it with the error
-		http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo)
 	}
+	// The deadline goes on even between reads: the rest of the body will
+	// not be read, so the connection cannot serve another request, and the
+	// server must not wait on the stalled caller to discard it.
+	if err := http.NewResponseController(b.w).SetReadDeadline(aLongTimeAgo); err != nil {
+		// Nothing was cut: a later failure of the read is not meshd's.
+		b.aborted.Store(false)
+		return
+	}
+	b.cut.Store(true)
 }
+
+// wasCut reports whether AbortRead put a past read deadline on the
+// caller's connection, which then cannot carry another request.
+func (b *abortableBody) wasCut() bool { return b.cut.Load() }
 
 func (b *abortableBody) wasAborted() bool { return b.aborted.Load() }
 
@@ -658,11 +703,19 @@ func prepareBody(r *http.Request, ab *abortableBody, limit int64) (*reqBody, err
 	if int64(len(buf)) <= limit {
 		return &reqBody{buf: buf, length: int64(len(buf))}, nil
 	}
-	return &reqBody{stream: struct {
-		io.Reader
-		io.Closer
-	}{io.MultiReader(bytes.NewReader(buf), ab), ab}, length: -1}, nil
+	return &reqBody{stream: &prefixedBody{io.MultiReader(bytes.NewReader(buf), ab), ab}, length: -1}, nil
 }
+
+// prefixedBody is a body of unknown length streamed after the part of it
+// already buffered. Close and AbortRead reach the caller's body, so that a
+// transport ending a try can still cut a read stalled on the caller.
+type prefixedBody struct {
+	io.Reader
+	ab *abortableBody
+}
+
+func (p *prefixedBody) Close() error { return p.ab.Close() }
+func (p *prefixedBody) AbortRead()   { p.ab.AbortRead() }
 
 // hasBody reports whether r carries a request body to forward.
 func hasBody(r *http.Request) bool {

@@ -192,6 +192,14 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		tryCtx, cancelTry := ctx, context.CancelFunc(nil)
 		if tt := rc.Timeouts.TryTimeout(remaining(ctx)); tt > 0 {
 			tryCtx, cancelTry = context.WithTimeout(ctx, tt)
+			if body.stream != nil {
+				// The try's end must also end a read stalled on the
+				// caller: net/http's Transport does not return before
+				// its body write does. (Ending the try ourselves stops
+				// this first.)
+				stop, cancel := context.AfterFunc(tryCtx, ex.ab.AbortRead), cancelTry
+				cancelTry = func() { stop(); cancel() }
+			}
 		}
 		out := outgoing(tryCtx, r, ep.Address, host, hdr, body)
 		_, aspan := s.tel.StartAttempt(tryCtx, out, telemetry.Attempt{

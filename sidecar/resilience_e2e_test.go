@@ -1068,29 +1068,33 @@ func TestRZBrokenOrShortBodyIsA400(t *testing.T) {
 }
 
 // With only a per-try timeout, a streamed body of unknown length whose
-// caller stalls is still cut when the try ends (meshd's HTTP/1.1 client).
+// caller stalls is still cut when the try ends, on both transports.
 func TestRZPerTryTimeoutCutsAStalledChunkedUpload(t *testing.T) {
-	b := newBackend(t, "sink", func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) })
-	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {timeouts: {per_try: 300ms}}}\n", b.addr()))
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	chunk := strings.Repeat("x", 100<<10)
-	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
-	began := time.Now()
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("no answer while the upload stalls: %v", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusGatewayTimeout || !resp.Close {
-		t.Fatalf("want a 504 that closes the connection, have %d (close %v)", resp.StatusCode, resp.Close)
-	}
-	if d := time.Since(began); d > 3*time.Second {
-		t.Fatalf("answered only after %v", d)
+	for _, upstream := range []string{"{timeouts: {per_try: 300ms}}", "{timeouts: {per_try: 300ms}, max_conns_per_instance: 4}"} {
+		t.Run(upstream, func(t *testing.T) {
+			b := newBackend(t, "sink", func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) })
+			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
+			c, err := net.Dial("tcp", s.Addr("outbound"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			chunk := strings.Repeat("x", 100<<10)
+			fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
+			began := time.Now()
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatalf("no answer while the upload stalls: %v", err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusGatewayTimeout || !resp.Close {
+				t.Fatalf("want a 504 that closes the connection, have %d (close %v)", resp.StatusCode, resp.Close)
+			}
+			if d := time.Since(began); d > 3*time.Second {
+				t.Fatalf("answered only after %v", d)
+			}
+		})
 	}
 }
 

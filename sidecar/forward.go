@@ -145,7 +145,6 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		ex.bodyFailed(err)
 		return
 	}
-	ex.body = body
 	g.RequestStarted()
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
 	rejected := 0
@@ -306,7 +305,6 @@ type exchange struct {
 	errType  string
 	errMsg   string
 	ab       *abortableBody // the request body, if any
-	body     *reqBody       // the body as prepared for tries, once it is
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this
@@ -402,11 +400,14 @@ func (ex *exchange) fail(status int, errType, msg string) {
 		ex.errType = strconv.Itoa(status)
 	}
 	if ex.ab != nil {
-		if ex.ctx.Err() != nil || ex.body != nil && ex.body.used {
-			// The rest of the body will not be read: the budget is over,
-			// or a transport took part of it. Cut it now, before the
-			// answer goes out (the budget's own AbortRead may not have
-			// run yet), rather than let the server wait to discard it.
+		if ex.budgetOver() {
+			// The budget is over: the rest of the body will not be read.
+			// Cut it now, before the answer goes out; the budget's own
+			// AbortRead may not have run yet, and once the handler has
+			// returned it would do nothing, leaving the server to wait
+			// on a stalled caller to discard the rest. (Other answers
+			// leave the rest to the server's usual discard, so that a
+			// caller still sending is not reset mid-write.)
 			ex.ab.AbortRead()
 		}
 		if ex.ab.wasCut() {
@@ -419,6 +420,16 @@ func (ex *exchange) fail(status int, errType, msg string) {
 	if status >= 500 {
 		ex.u.errors.Add(1)
 	}
+}
+
+// budgetOver reports whether the request's budget has ended, by the clock:
+// a transport's deadline can fire before the context's timer has run.
+func (ex *exchange) budgetOver() bool {
+	if ex.ctx.Err() != nil {
+		return true
+	}
+	d, ok := ex.ctx.Deadline()
+	return ok && !time.Now().Before(d)
 }
 
 // bodyFailed answers a request whose body could not be read in full before

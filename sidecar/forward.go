@@ -127,6 +127,13 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	}
 	var body *reqBody
 	if hasBody(r) {
+		if r.ProtoMajor == 1 {
+			// An instance may answer while the upload still comes in
+			// (an echo, a stream): let the answer through instead of
+			// net/http's server first waiting to discard the body.
+			// (meshd's own HTTP/1.1 server is full duplex already.)
+			http.NewResponseController(w).EnableFullDuplex()
+		}
 		// The caller's body is read while buffering it and, past the
 		// buffer, while a try is sent. If the caller stalls, the budget
 		// ending (or the caller leaving) must end that read, whichever
@@ -273,7 +280,14 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		status, n, rerr := s.respond(w, r, resp, ep)
 		ex.status, ex.bytes = status, n
 		if rerr != nil {
-			o = g.Classify(ex.callerCtx(), rerr, status)
+			cctx := ex.callerCtx()
+			if ex.ab != nil && ex.ab.readFailed() {
+				// The caller's body broke while the answer streamed,
+				// and the transport cut the exchange for it: the
+				// caller's doing, not the instance's.
+				cctx = canceledCtx
+			}
+			o = g.Classify(cctx, rerr, status)
 			if !o.Canceled() {
 				ex.errType, ex.errMsg = o.Kind(), "response broke off: "+rerr.Error()
 			}
@@ -566,6 +580,7 @@ type abortableBody struct {
 	complete  atomic.Bool
 	aborted   atomic.Bool // a Read blocked on the caller was ended
 	cut       atomic.Bool // the caller's connection got a past read deadline
+	failed    atomic.Bool // a read from the caller failed (clientBodyError)
 	stop      atomic.Bool // no more reads: the budget ended
 	inRead    atomic.Bool
 	mu        sync.Mutex // orders AbortRead and finish
@@ -594,6 +609,7 @@ func (b *abortableBody) Read(p []byte) (int, error) {
 	}
 	if err != nil && err != io.EOF && !b.aborted.Load() {
 		err = &clientBodyError{err}
+		b.failed.Store(true)
 	}
 	return n, err
 }
@@ -681,6 +697,10 @@ func (b *abortableBody) AbortRead() {
 	}
 	b.cut.Store(true)
 }
+
+// readFailed reports whether a read of the caller's body failed on the
+// caller's side (it left, or sent a malformed body).
+func (b *abortableBody) readFailed() bool { return b.failed.Load() }
 
 // wasCut reports whether AbortRead put a past read deadline on the
 // caller's connection, which then cannot carry another request.

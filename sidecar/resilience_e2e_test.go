@@ -1137,3 +1137,39 @@ func TestRZBudgetEndingBetweenBodyReadsClosesTheConnection(t *testing.T) {
 		t.Fatalf("want a 504 that closes the connection, have %d (close %v)", resp.StatusCode, resp.Close)
 	}
 }
+
+// An instance that answers while the upload is still coming (full duplex,
+// through net/http's Transport: meshd's own HTTP/1.1 client sends the whole
+// body first) does not take the blame when the caller's body then turns
+// out broken and the response is cut short because of it.
+func TestRZBrokenBodyAfterResponseHeadersIsNotAFailure(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		http.NewResponseController(w).EnableFullDuplex()
+		w.WriteHeader(200)
+		w.(http.Flusher).Flush()
+		io.Copy(w, r.Body) // echoes until the body ends or breaks
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {max_conns_per_instance: 4}}\n", b.addr()))
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	chunk := strings.Repeat("x", 100<<10)
+	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer while the upload goes on: %v", err)
+	}
+	// Some of the echo, then the broken chunk.
+	if _, err := io.ReadFull(resp.Body, make([]byte, 1024)); err != nil {
+		t.Fatalf("no echo: %v", err)
+	}
+	io.WriteString(c, "ZZZZ\r\n")
+	io.Copy(io.Discard, resp.Body)
+	rzEventually(t, 5*time.Second, "the try settled", func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 })
+	if in := rzInstance(t, s, "svc", b.addr()); in.Failures != 0 {
+		t.Fatalf("the caller's broken body counted as %d instance failures", in.Failures)
+	}
+}

@@ -611,14 +611,17 @@ func (b *fastBody) Read(p []byte) (int, error) {
 			// Like net/http, the section must end with CRLF.
 			for {
 				line, lerr := b.br.ReadSlice('\n')
-				if lerr == io.EOF {
+				switch {
+				case lerr == bufio.ErrBufferFull || lerr == nil && string(line) == "\n":
+					// A trailer line past the buffer, or a bare LF
+					// ending the section: the body is malformed.
+					b.err = errMalformedTrailer
+					return n, b.err
+				case lerr == io.EOF:
 					b.err = io.ErrUnexpectedEOF // the caller stopped sending
 					return n, b.err
-				}
-				if lerr != nil || string(line) == "\n" {
-					// A bare LF ending the section, or a trailer line
-					// past the buffer: the body is malformed.
-					b.err = errMalformedTrailer
+				case lerr != nil:
+					b.err = lerr // a reset, a deadline: the connection's
 					return n, b.err
 				}
 				if string(line) == "\r\n" {

@@ -64,6 +64,10 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			Upstream: u.name, Instance: ex.instance, Method: r.Method, Path: r.URL.Path,
 			Status: ex.status, Duration: time.Since(start), Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
 		})
+		if ex.silent {
+			// Recorded; now make sure the server sends nothing.
+			panic(http.ErrAbortHandler)
+		}
 	}()
 	g := u.guard
 	rc := g.Config()
@@ -245,7 +249,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			o := g.Classify(ex.callerCtx(), err, 0)
 			ex.endTry(ep, done, o, aspan, 0, t0, cancelTry)
 			if o.Canceled() {
-				ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
+				ex.callerWentAway()
 				return
 			}
 			lastErr = fmt.Errorf("%s: %s", ep.Address, errText(err))
@@ -319,6 +323,7 @@ type exchange struct {
 	errType  string
 	errMsg   string
 	ab       *abortableBody // the request body, if any
+	silent   bool           // the caller left: abort instead of answering
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this
@@ -476,10 +481,19 @@ func (ex *exchange) callerLeftMidBody() {
 	ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
 }
 
+// callerWentAway ends a request whose caller left before its answer. It is
+// recorded as 499, and then the handler aborts, so that the server sends
+// nothing: net/http's would otherwise send its default empty 200 to a caller
+// that only half-closed and still reads, as if the request had succeeded.
+func (ex *exchange) callerWentAway() {
+	ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
+	ex.silent = true
+}
+
 // failCtx answers a request whose budget ran out or whose caller left.
 func (ex *exchange) failCtx(lastErr error) {
 	if ex.callerCtx().Err() != nil {
-		ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away"
+		ex.callerWentAway()
 		return
 	}
 	msg := "upstream " + quote(ex.u.name) + ": request timed out"

@@ -1173,3 +1173,75 @@ func TestRZBrokenBodyAfterResponseHeadersIsNotAFailure(t *testing.T) {
 		t.Fatalf("the caller's broken body counted as %d instance failures", in.Failures)
 	}
 }
+
+// A caller that sends its request and half-closes has gone as far as the
+// server can tell: the request is cancelled and recorded as 499, and the
+// caller gets no answer at all, never a default empty 200 that would pass
+// for success.
+func TestRZHalfClosedCallerGetsNoFalseSuccess(t *testing.T) {
+	release := make(chan struct{})
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	logs := &syncBuf{}
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()), logs)
+	t.Cleanup(func() { close(release) })
+	for _, body := range []string{"", "hello"} {
+		t.Run(fmt.Sprintf("body=%q", body), func(t *testing.T) {
+			c, err := net.Dial("tcp", s.Addr("outbound"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			fmt.Fprintf(c, "POST http://svc/halfclose HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+			c.(*net.TCPConn).CloseWrite()
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err == nil {
+				got, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				t.Fatalf("want no answer for a cancelled request, have %d %q", resp.StatusCode, got)
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Fatalf("the connection was neither answered nor closed: %v", err)
+			}
+		})
+	}
+	waitFor(t, "both requests in the access log", func() bool { return strings.Count(logs.String(), "path=/halfclose") == 2 })
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "path=/halfclose") && !strings.Contains(l, "status=499") {
+			t.Fatalf("want status=499, have %s", l)
+		}
+	}
+}
+
+// A caller whose connection resets in the middle of a chunked trailer has
+// gone (499), it did not send a malformed body (400).
+func TestRZResetDuringTrailerIs499(t *testing.T) {
+	var hits atomic.Int64
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { hits.Add(1) })
+	logs := &syncBuf{}
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()), logs)
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(c, "POST http://svc/trailer HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-A: b")
+	// Once the handler runs, the reset lands in (or before) its read of
+	// the trailer: either way the read fails on the connection.
+	waitFor(t, "the request to reach the forwarder", func() bool { return status(t, s, "svc").Requests == 1 })
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	waitFor(t, "the request in the access log", func() bool { return strings.Contains(logs.String(), "path=/trailer") })
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "path=/trailer") && !strings.Contains(l, "status=499") {
+			t.Fatalf("want status=499, have %s", l)
+		}
+	}
+	if hits.Load() != 0 {
+		t.Fatalf("the instance saw %d requests", hits.Load())
+	}
+}

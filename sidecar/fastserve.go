@@ -227,15 +227,39 @@ func (f *fastServer) serveConn(c *fastConn) {
 			return
 		}
 		if w.closeAfter || f.closing.Load() || c.foreignDeadline.Load() {
+			if body != nil && !body.done {
+				c.lingerClose()
+			}
 			return
 		}
 		if body != nil && !body.drain() {
+			if body.err == nil {
+				c.lingerClose()
+			}
 			return
 		}
 		if !c.state.CompareAndSwap(connActive, connIdle) {
 			return
 		}
 	}
+}
+
+// lingerMax bounds how long lingerClose waits for a client to stop sending.
+const lingerMax = 500 * time.Millisecond
+
+// lingerClose is for a connection closing after an answer while the client
+// may still be sending its request body. Closing at once would reset the
+// connection, and a reset can destroy the answer before the client reads
+// it; instead the sending side is shut, and what the client still sends is
+// read and dropped until it closes too or lingerMax passes. The caller
+// then closes the connection.
+func (c *fastConn) lingerClose() {
+	cw, ok := c.nc.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil {
+		return
+	}
+	c.nc.SetReadDeadline(time.Now().Add(lingerMax))
+	io.CopyN(io.Discard, c.nc, 64<<20)
 }
 
 // clientWatchDelay is how long a request runs before meshd starts watching

@@ -283,23 +283,30 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		}
 		status, n, rerr := s.respond(w, r, resp, ep)
 		ex.status, ex.bytes = status, n
+		bodyBroke := false
 		if rerr != nil {
 			cctx := ex.callerCtx()
-			if ex.ab != nil && ex.ab.readFailed() {
+			if bodyBroke = ex.ab != nil && ex.ab.readFailed(); bodyBroke {
 				// The caller's body broke while the answer streamed,
 				// and the transport cut the exchange for it: the
 				// caller's doing, not the instance's.
 				cctx = canceledCtx
 			}
 			o = g.Classify(cctx, rerr, status)
-			if !o.Canceled() {
+			switch {
+			case bodyBroke:
+				ex.status, ex.errType, ex.errMsg = http.StatusBadRequest, "", "the request body broke off while its answer streamed: "+rerr.Error()
+				if ex.ab.readFailedGone() {
+					ex.status, ex.errType = 499, telemetry.ErrTypeCanceled
+				}
+			case !o.Canceled():
 				ex.errType, ex.errMsg = o.Kind(), "response broke off: "+rerr.Error()
 			}
 		} else if status >= 500 {
 			ex.errType = strconv.Itoa(status)
 		}
 		ex.endTry(ep, done, o, aspan, status, t0, cancelTry)
-		if rerr != nil && !o.Canceled() {
+		if rerr != nil && (!o.Canceled() || bodyBroke) {
 			// The status line is gone; abort so the client sees a broken
 			// response rather than a short one.
 			panic(http.ErrAbortHandler)
@@ -429,9 +436,10 @@ func (ex *exchange) fail(status int, errType, msg string) {
 			// caller still sending is not reset mid-write.)
 			ex.ab.AbortRead()
 		}
-		if ex.ab.wasCut() {
-			// The client's connection had its read cut short: it cannot
-			// carry another request.
+		if ex.ab.wasCut() || !ex.ab.complete.Load() && (ex.ab.length < 0 || ex.ab.length > maxDiscard) {
+			// The client's connection had its read cut short, or more of
+			// its body is left unread than a server discards: it cannot
+			// carry another request, and the answer says so.
 			ex.closeConn()
 		}
 	}
@@ -480,6 +488,10 @@ func (ex *exchange) callerLeftMidBody() {
 	writeError(ex.w, http.StatusBadRequest, "the request body ended before its end")
 	ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
 }
+
+// maxDiscard is how much of an unread request body net/http's server (and
+// the fast path) discard to keep a connection; past it they close it.
+const maxDiscard = 256 << 10
 
 // callerWentAway ends a request whose caller left before its answer. It is
 // recorded as 499, and then the handler aborts, so that the server sends
@@ -587,20 +599,21 @@ func (b *reqBody) getBody() (io.ReadCloser, error) {
 // goroutine at a time; AbortRead may run concurrently with it.
 type abortableBody struct {
 	io.ReadCloser
-	w         http.ResponseWriter
-	caller    context.Context
-	length    int64 // -1 when unknown
-	got       int64 // bytes read; only Read touches it
-	complete  atomic.Bool
-	aborted   atomic.Bool // a Read blocked on the caller was ended
-	cut       atomic.Bool // the caller's connection got a past read deadline
-	failed    atomic.Bool // a read from the caller failed (clientBodyError)
-	stop      atomic.Bool // no more reads: the budget ended
-	inRead    atomic.Bool
-	mu        sync.Mutex // orders AbortRead and finish
-	done      bool
-	closed    chan struct{} // closed by Close
-	closeOnce sync.Once
+	w          http.ResponseWriter
+	caller     context.Context
+	length     int64 // -1 when unknown
+	got        int64 // bytes read; only Read touches it
+	complete   atomic.Bool
+	aborted    atomic.Bool // a Read blocked on the caller was ended
+	cut        atomic.Bool // the caller's connection got a past read deadline
+	failed     atomic.Bool // a read from the caller failed (clientBodyError)
+	failedGone atomic.Bool // ... because the caller left (set before failed)
+	stop       atomic.Bool // no more reads: the budget ended
+	inRead     atomic.Bool
+	mu         sync.Mutex // orders AbortRead and finish
+	done       bool
+	closed     chan struct{} // closed by Close
+	closeOnce  sync.Once
 }
 
 func newAbortableBody(rc io.ReadCloser, w http.ResponseWriter, caller context.Context, length int64) *abortableBody {
@@ -622,8 +635,10 @@ func (b *abortableBody) Read(p []byte) (int, error) {
 		b.complete.Store(true)
 	}
 	if err != nil && err != io.EOF && !b.aborted.Load() {
-		err = &clientBodyError{err}
+		cbe := &clientBodyError{err}
+		b.failedGone.Store(cbe.callerGone())
 		b.failed.Store(true)
+		err = cbe
 	}
 	return n, err
 }
@@ -715,6 +730,10 @@ func (b *abortableBody) AbortRead() {
 // readFailed reports whether a read of the caller's body failed on the
 // caller's side (it left, or sent a malformed body).
 func (b *abortableBody) readFailed() bool { return b.failed.Load() }
+
+// readFailedGone reports, after readFailed, whether the caller left (as
+// opposed to sending a malformed body).
+func (b *abortableBody) readFailedGone() bool { return b.failedGone.Load() }
 
 // wasCut reports whether AbortRead put a past read deadline on the
 // caller's connection, which then cannot carry another request.

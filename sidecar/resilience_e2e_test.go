@@ -1167,7 +1167,9 @@ func TestRZBrokenBodyAfterResponseHeadersIsNotAFailure(t *testing.T) {
 		t.Fatalf("no echo: %v", err)
 	}
 	io.WriteString(c, "ZZZZ\r\n")
-	io.Copy(io.Discard, resp.Body)
+	if _, err := io.Copy(io.Discard, resp.Body); err == nil {
+		t.Fatal("the answer cut short with the caller's body ended as if complete")
+	}
 	rzEventually(t, 5*time.Second, "the try settled", func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 })
 	if in := rzInstance(t, s, "svc", b.addr()); in.Failures != 0 {
 		t.Fatalf("the caller's broken body counted as %d instance failures", in.Failures)
@@ -1243,5 +1245,45 @@ func TestRZResetDuringTrailerIs499(t *testing.T) {
 	}
 	if hits.Load() != 0 {
 		t.Fatalf("the instance saw %d requests", hits.Load())
+	}
+}
+
+// An error answer that leaves more of the body unread than a server
+// discards says that the connection closes, as it then does.
+func TestRZErrorAnswerOverALargeUnreadBodySaysClose(t *testing.T) {
+	dead := rzClosedAddr(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", dead))
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	const size = 1 << 20
+	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n", size)
+	go c.Write(make([]byte, size)) // may be cut off by the close
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadGateway || !resp.Close {
+		t.Fatalf("want a 502 that says close, have %d (close %v)", resp.StatusCode, resp.Close)
+	}
+}
+
+// A client that sends its whole upload before reading (as Go's and most
+// HTTP clients do) still gets the error answer when meshd closes the
+// connection over a large unread body: meshd stops sending and lets the
+// rest arrive for a moment instead of resetting the connection under it.
+func TestRZLargeUploadToDeadInstanceGetsItsAnswer(t *testing.T) {
+	dead := rzClosedAddr(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", dead))
+	body := strings.Repeat("x", 2<<20) // past what a server discards
+	for i := 0; i < 5; i++ {
+		st, _, err := rzDo(context.Background(), rzClient(s, 1), "POST", "http://svc/", body, nil)
+		if err != nil || st != http.StatusBadGateway {
+			t.Fatalf("upload %d: want 502, have %d %v", i, st, err)
+		}
 	}
 }

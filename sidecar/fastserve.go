@@ -227,7 +227,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 			return
 		}
 		if w.closeAfter || f.closing.Load() || c.foreignDeadline.Load() {
-			if body != nil && !body.done {
+			if body != nil && !body.done && !body.restBuffered() {
 				c.lingerClose()
 			}
 			return
@@ -245,7 +245,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 }
 
 // lingerMax bounds how long lingerClose waits for a client to stop sending.
-const lingerMax = 500 * time.Millisecond
+var lingerMax = 500 * time.Millisecond
 
 // lingerClose is for a connection closing after an answer while the client
 // may still be sending its request body. Closing at once would reset the
@@ -615,6 +615,14 @@ type fastBody struct {
 	done     bool
 	err      error
 	finished atomic.Bool // done, readable from the client watch
+}
+
+// restBuffered reports whether what is left of a Content-Length body has
+// already arrived (it is in the connection's reader), so that closing the
+// connection resets nothing the client still sends.
+func (b *fastBody) restBuffered() bool {
+	lr, ok := b.r.(*io.LimitedReader)
+	return ok && b.err == nil && lr.N <= int64(b.br.Buffered())
 }
 
 // errMalformedTrailer is a chunked body whose trailer section is broken:

@@ -436,7 +436,7 @@ func (ex *exchange) fail(status int, errType, msg string) {
 			// caller still sending is not reset mid-write.)
 			ex.ab.AbortRead()
 		}
-		if ex.ab.wasCut() || !ex.ab.complete.Load() && (ex.ab.length < 0 || ex.ab.length > maxDiscard) {
+		if ex.ab.wasCut() || !ex.ab.complete.Load() && (ex.ab.length < 0 || ex.ab.length-ex.ab.got.Load() > maxDiscard) {
 			// The client's connection had its read cut short, or more of
 			// its body is left unread than a server discards: it cannot
 			// carry another request, and the answer says so.
@@ -601,8 +601,8 @@ type abortableBody struct {
 	io.ReadCloser
 	w          http.ResponseWriter
 	caller     context.Context
-	length     int64 // -1 when unknown
-	got        int64 // bytes read; only Read touches it
+	length     int64        // -1 when unknown
+	got        atomic.Int64 // bytes read (written by Read only)
 	complete   atomic.Bool
 	aborted    atomic.Bool // a Read blocked on the caller was ended
 	cut        atomic.Bool // the caller's connection got a past read deadline
@@ -630,8 +630,8 @@ func (b *abortableBody) Read(p []byte) (int, error) {
 		return 0, errBodyStopped
 	}
 	n, err := b.ReadCloser.Read(p)
-	b.got += int64(n)
-	if err == io.EOF || b.length >= 0 && b.got >= b.length {
+	got := b.got.Add(int64(n))
+	if err == io.EOF || b.length >= 0 && got >= b.length {
 		b.complete.Store(true)
 	}
 	if err != nil && err != io.EOF && !b.aborted.Load() {

@@ -1141,38 +1141,58 @@ func TestRZBudgetEndingBetweenBodyReadsClosesTheConnection(t *testing.T) {
 // An instance that answers while the upload is still coming (full duplex,
 // through net/http's Transport: meshd's own HTTP/1.1 client sends the whole
 // body first) does not take the blame when the caller's body then turns
-// out broken and the response is cut short because of it.
+// out broken, or the caller leaves, and the response is cut short because
+// of it. The answer ends broken, and the access log says whose doing it was.
 func TestRZBrokenBodyAfterResponseHeadersIsNotAFailure(t *testing.T) {
-	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
-		http.NewResponseController(w).EnableFullDuplex()
-		w.WriteHeader(200)
-		w.(http.Flusher).Flush()
-		io.Copy(w, r.Body) // echoes until the body ends or breaks
-	})
-	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {max_conns_per_instance: 4}}\n", b.addr()))
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	chunk := strings.Repeat("x", 100<<10)
-	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("no answer while the upload goes on: %v", err)
-	}
-	// Some of the echo, then the broken chunk.
-	if _, err := io.ReadFull(resp.Body, make([]byte, 1024)); err != nil {
-		t.Fatalf("no echo: %v", err)
-	}
-	io.WriteString(c, "ZZZZ\r\n")
-	if _, err := io.Copy(io.Discard, resp.Body); err == nil {
-		t.Fatal("the answer cut short with the caller's body ended as if complete")
-	}
-	rzEventually(t, 5*time.Second, "the try settled", func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 })
-	if in := rzInstance(t, s, "svc", b.addr()); in.Failures != 0 {
-		t.Fatalf("the caller's broken body counted as %d instance failures", in.Failures)
+	for _, tc := range []struct {
+		name, status string
+		breakIt      func(c net.Conn)
+	}{
+		{"malformed chunk", "status=400", func(c net.Conn) { io.WriteString(c, "ZZZZ\r\n") }},
+		{"reset", "status=499", func(c net.Conn) { c.(*net.TCPConn).SetLinger(0); c.Close() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+				http.NewResponseController(w).EnableFullDuplex()
+				w.WriteHeader(200)
+				w.(http.Flusher).Flush()
+				io.Copy(w, r.Body) // echoes until the body ends or breaks
+			})
+			logs := &syncBuf{}
+			s := startLogged(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {max_conns_per_instance: 4}}\n", b.addr()), logs)
+			c, err := net.Dial("tcp", s.Addr("outbound"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			chunk := strings.Repeat("x", 100<<10)
+			fmt.Fprintf(c, "POST http://svc/duplex HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatalf("no answer while the upload goes on: %v", err)
+			}
+			// Some of the echo, then the break.
+			if _, err := io.ReadFull(resp.Body, make([]byte, 1024)); err != nil {
+				t.Fatalf("no echo: %v", err)
+			}
+			tc.breakIt(c)
+			if tc.name == "malformed chunk" {
+				if _, err := io.Copy(io.Discard, resp.Body); err == nil {
+					t.Fatal("the answer cut short with the caller's body ended as if complete")
+				}
+			}
+			waitFor(t, "the request in the access log", func() bool { return strings.Contains(logs.String(), "path=/duplex") })
+			for _, l := range strings.Split(logs.String(), "\n") {
+				if strings.Contains(l, "path=/duplex") && !strings.Contains(l, tc.status) {
+					t.Fatalf("want %s, have %s", tc.status, l)
+				}
+			}
+			rzEventually(t, 5*time.Second, "the try settled", func() bool { return rzInstance(t, s, "svc", b.addr()).InFlight == 0 })
+			if in := rzInstance(t, s, "svc", b.addr()); in.Failures != 0 {
+				t.Fatalf("the caller's broken body counted as %d instance failures", in.Failures)
+			}
+		})
 	}
 }
 
@@ -1285,5 +1305,43 @@ func TestRZLargeUploadToDeadInstanceGetsItsAnswer(t *testing.T) {
 		if err != nil || st != http.StatusBadGateway {
 			t.Fatalf("upload %d: want 502, have %d %v", i, st, err)
 		}
+	}
+}
+
+// A connection that closes after its answer while the rest of the body has
+// already arrived has nothing to wait for: it closes at once, it does not
+// linger for the client to stop sending.
+func TestFastPathNoLingerWhenTheRestIsBuffered(t *testing.T) {
+	if os.Getenv("MESHD_TEST_FAST_PATH") == "off" {
+		t.Skip("the fast path's own close")
+	}
+	old := lingerMax
+	lingerMax = 10 * time.Second
+	t.Cleanup(func() { lingerMax = old })
+	b := newBackend(t, "b", nil)
+	s := startUnreadyWith(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()), testLogger(t))
+	waitReady(t, s)
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	// A malformed timeout header: answered 400 before the body is read.
+	io.WriteString(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nConnection: close\r\nX-Meshd-Timeout: bogus\r\nContent-Length: 3\r\n\r\nabc")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("want 400, have %d", resp.StatusCode)
+	}
+	// The client keeps its end open; a lingering server would hold the
+	// connection (and Shutdown) for lingerMax.
+	ctx, cancel := contextWithTimeout(5 * time.Second)
+	defer cancel()
+	if err := s.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown waited on a connection with nothing left to read: %v", err)
 	}
 }

@@ -479,18 +479,7 @@ upstreams: {payments: {discovery: consul}}
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(cfg, testLogger(t), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(10 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startConfig(t, cfg, testLogger(t))
 	waitReady(t, s)
 	resp, err := proxyClient(s).Get("http://payments/")
 	if err != nil {

@@ -59,6 +59,13 @@ func startUnreadyWith(t testing.TB, yaml string, log *slog.Logger) *Sidecar {
 	if err != nil {
 		t.Fatalf("config:\n%v", err)
 	}
+	return startConfig(t, cfg, log)
+}
+
+// startConfig starts a sidecar on cfg, logging to log, without waiting for
+// readiness; it is shut down when the test ends.
+func startConfig(t testing.TB, cfg *config.Config, log *slog.Logger) *Sidecar {
+	t.Helper()
 	s, err := New(cfg, log, nil)
 	if err != nil {
 		t.Fatal(err)

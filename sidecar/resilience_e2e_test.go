@@ -737,17 +737,12 @@ func rzStalledUpload(t *testing.T, upstream string) {
 		got <- n
 	})
 	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c, br := rawConn(t, s)
 	// 1 MB announced (past the 64 KiB that would be buffered), 100 KiB sent.
 	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000000\r\nX-Meshd-Timeout: 300ms\r\n\r\n")
 	c.Write(make([]byte, 100<<10))
 	began := time.Now()
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("no answer while the upload stalls: %v", err)
 	}
@@ -821,13 +816,7 @@ func TestRZTimeoutAfterStreamedUploadKeepsTheConnection(t *testing.T) {
 					io.WriteString(w, "ok")
 				})
 				s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
-				c, err := net.Dial("tcp", s.Addr("outbound"))
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				br := bufio.NewReader(c)
+				c, br := rawConn(t, s)
 				body := strings.Repeat("x", 200<<10)
 				if chunked {
 					fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nX-Meshd-Timeout: 300ms\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(body), body)
@@ -911,15 +900,10 @@ func TestRZMalformedStreamedBodyIsA400(t *testing.T) {
 		io.Copy(io.Discard, r.Body)
 	})
 	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c, br := rawConn(t, s)
 	chunk := strings.Repeat("x", 200<<10)
 	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\nZZZZ\r\n", len(chunk), chunk)
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("no answer to a malformed body: %v", err)
 	}
@@ -942,19 +926,14 @@ func TestRZStalledBufferedBodyEndsAtItsTimeout(t *testing.T) {
 			var hits atomic.Int64
 			b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { hits.Add(1) })
 			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
-			c, err := net.Dial("tcp", s.Addr("outbound"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
+			c, br := rawConn(t, s)
 			if chunked {
 				fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\nX-Meshd-Timeout: 300ms\r\n\r\n3e8\r\n%s", strings.Repeat("x", 100))
 			} else {
 				fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: 1000\r\nX-Meshd-Timeout: 300ms\r\n\r\n%s", strings.Repeat("x", 100))
 			}
 			began := time.Now()
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			resp, err := http.ReadResponse(br, nil)
 			if err != nil {
 				t.Fatalf("no answer while the small body stalls: %v", err)
 			}
@@ -1010,19 +989,14 @@ func TestRZHangUpDuringBufferedBodyIs499(t *testing.T) {
 // which, if halfClose, it closes its sending side) and reads one response.
 func rzRaw(t *testing.T, s *Sidecar, raw string, halfClose bool) *http.Response {
 	t.Helper()
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c, br := rawConn(t, s)
 	if _, err := io.WriteString(c, raw); err != nil {
 		t.Fatal(err)
 	}
 	if halfClose {
 		c.(*net.TCPConn).CloseWrite()
 	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("no answer: %v", err)
 	}
@@ -1075,16 +1049,11 @@ func TestRZPerTryTimeoutCutsAStalledChunkedUpload(t *testing.T) {
 		t.Run(upstream, func(t *testing.T) {
 			b := newBackend(t, "sink", func(w http.ResponseWriter, r *http.Request) { io.Copy(io.Discard, r.Body) })
 			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: %s}\n", b.addr(), upstream))
-			c, err := net.Dial("tcp", s.Addr("outbound"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
+			c, br := rawConn(t, s)
 			chunk := strings.Repeat("x", 100<<10)
 			fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
 			began := time.Now()
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			resp, err := http.ReadResponse(br, nil)
 			if err != nil {
 				t.Fatalf("no answer while the upload stalls: %v", err)
 			}
@@ -1110,12 +1079,7 @@ func TestRZBudgetEndingBetweenBodyReadsClosesTheConnection(t *testing.T) {
 	})
 	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
 	t.Cleanup(func() { close(release) }) // first of the cleanups
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c, br := rawConn(t, s)
 	const total = 64 << 20
 	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\nX-Meshd-Timeout: 300ms\r\n\r\n", total)
 	// Far more than the socket buffers between the caller, meshd and the
@@ -1129,7 +1093,7 @@ func TestRZBudgetEndingBetweenBodyReadsClosesTheConnection(t *testing.T) {
 			}
 		}
 	}()
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("no answer: %v", err)
 	}
@@ -1164,15 +1128,10 @@ func TestRZBrokenBodyAfterResponseHeadersIsNotAFailure(t *testing.T) {
 			})
 			logs := &syncBuf{}
 			s := startLogged(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {max_conns_per_instance: 4}}\n", b.addr()), logs)
-			c, err := net.Dial("tcp", s.Addr("outbound"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
+			c, br := rawConn(t, s)
 			chunk := strings.Repeat("x", 100<<10)
 			fmt.Fprintf(c, "POST http://svc/duplex HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", len(chunk), chunk)
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			resp, err := http.ReadResponse(br, nil)
 			if err != nil {
 				t.Fatalf("no answer while the upload goes on: %v", err)
 			}
@@ -1217,15 +1176,10 @@ func TestRZHalfClosedCallerGetsNoFalseSuccess(t *testing.T) {
 	t.Cleanup(func() { close(release) })
 	for _, body := range []string{"", "hello"} {
 		t.Run(fmt.Sprintf("body=%q", body), func(t *testing.T) {
-			c, err := net.Dial("tcp", s.Addr("outbound"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(10 * time.Second))
+			c, br := rawConn(t, s)
 			fmt.Fprintf(c, "POST http://svc/halfclose HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
 			c.(*net.TCPConn).CloseWrite()
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			resp, err := http.ReadResponse(br, nil)
 			if err == nil {
 				got, _ := io.ReadAll(resp.Body)
 				resp.Body.Close()
@@ -1277,16 +1231,11 @@ func TestRZResetDuringTrailerIs499(t *testing.T) {
 func TestRZErrorAnswerOverALargeUnreadBodySaysClose(t *testing.T) {
 	dead := rzClosedAddr(t)
 	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", dead))
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
+	c, br := rawConn(t, s)
 	const size = 1 << 20
 	fmt.Fprintf(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n", size)
 	go c.Write(make([]byte, size)) // may be cut off by the close
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatalf("no answer: %v", err)
 	}
@@ -1323,17 +1272,11 @@ func TestFastPathNoLingerWhenTheRestIsBuffered(t *testing.T) {
 	lingerMax = 10 * time.Second
 	t.Cleanup(func() { lingerMax = old })
 	b := newBackend(t, "b", nil)
-	s := startUnreadyWith(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()), testLogger(t))
-	waitReady(t, s)
-	c, err := net.Dial("tcp", s.Addr("outbound"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(20 * time.Second))
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	c, br := rawConn(t, s)
 	// A malformed timeout header: answered 400 before the body is read.
 	io.WriteString(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nConnection: close\r\nX-Meshd-Timeout: bogus\r\nContent-Length: 3\r\n\r\nabc")
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	resp, err := http.ReadResponse(br, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -119,18 +119,7 @@ func TestStaticCatalogEditDuringStartIsApplied(t *testing.T) {
 	if err := os.WriteFile(catalog, []byte("payments: ["+b2.addr()+"]\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(cfg, testLogger(t), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(10 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startConfig(t, cfg, testLogger(t))
 	waitReady(t, s)
 	waitFor(t, "the edit made during start to reach routing", func() bool {
 		st := status(t, s, "payments")

@@ -232,6 +232,12 @@ func (f *fastServer) serveConn(c *fastConn) {
 			}
 			return
 		}
+		if body != nil && !body.done {
+			// What is left of the body is read to keep the connection,
+			// but a client that stalls mid-body after its answer is as
+			// good as idle: it gets the idle timeout, no more.
+			c.readWithin(cfg.Proxy.IdleTimeout)
+		}
 		if body != nil && !body.drain() {
 			if body.err == nil {
 				c.lingerClose()

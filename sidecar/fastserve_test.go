@@ -240,3 +240,29 @@ func TestFastPathAnswerSizes(t *testing.T) {
 		}
 	}
 }
+
+// A client answered before its body was read, that then stalls mid-body,
+// keeps its connection no longer than an idle one would (either server).
+func TestStalledBodyAfterAnswerGetsTheIdleTimeout(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\nproxy: {idle_timeout: 300ms}\n", b.addr()))
+	c, br := rawConn(t, s)
+	// A malformed timeout header is answered before the body is read.
+	io.WriteString(c, "POST http://svc/ HTTP/1.1\r\nHost: svc\r\nX-Meshd-Timeout: bogus\r\nContent-Length: 1000\r\n\r\n"+strings.Repeat("x", 100))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("want 400, have %d", resp.StatusCode)
+	}
+	// The rest of the body never comes; the connection must end.
+	if _, err := br.ReadByte(); err == nil {
+		rest, _ := io.ReadAll(br)
+		t.Fatalf("data after the answer: %q", rest)
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("the connection outlived the idle timeout by seconds while its body stalled")
+	}
+}

@@ -68,6 +68,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			// Recorded; now make sure the server sends nothing.
 			panic(http.ErrAbortHandler)
 		}
+		ex.boundDiscard()
 	}()
 	g := u.guard
 	rc := g.Config()
@@ -487,6 +488,20 @@ func (ex *exchange) callerLeftMidBody() {
 	ex.closeConn()
 	writeError(ex.w, http.StatusBadRequest, "the request body ended before its end")
 	ex.status, ex.errType, ex.errMsg = 499, telemetry.ErrTypeCanceled, "the caller went away during its upload"
+}
+
+// boundDiscard gives net/http's server, which reads what is left of an
+// unfinished body after the answer to keep the connection, the idle timeout
+// to do it in: a caller that stalls mid-body then is as good as idle. (The
+// fast path does this itself; cut connections close anyway.)
+func (ex *exchange) boundDiscard() {
+	if ex.r.ProtoMajor != 1 || !hasBody(ex.r) || ex.ab != nil && (ex.ab.complete.Load() || ex.ab.wasCut()) {
+		return
+	}
+	if _, fast := ex.w.(*fastWriter); fast {
+		return
+	}
+	http.NewResponseController(ex.w).SetReadDeadline(time.Now().Add(ex.s.cfg.Load().Proxy.IdleTimeout))
 }
 
 // maxDiscard is how much of an unread request body net/http's server (and

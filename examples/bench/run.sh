@@ -248,6 +248,13 @@ report=$work/report.md
         printf "| %s | %s | %s | %s | %s | %s |\n", s, (hr ? sprintf("%.2f", mr / hr) : "-"), (nr ? sprintf("%.2f", mr / nr) : "-"), (dr ? sprintf("%.2f", mr / dr) : "-"), (med[s, "haproxy", "p50"] ? sprintf("%.2f", med[s, "meshd", "p50"] / med[s, "haproxy", "p50"]) : "-"), (med[s, "haproxy", "p99"] ? sprintf("%.2f", med[s, "meshd", "p99"] / med[s, "haproxy", "p99"]) : "-")
       }
     }' "$results"
+  # Any answer meshd gave other than 200, by status, from its own metrics:
+  # wrk only counts them, meshd says which they were.
+  if [[ " $TARGETS " == *" meshd "* ]]; then
+    odd=$(curl -fs http://127.0.0.1:18093/metrics | awk '/^http_server_request_duration_seconds_count/ && !/status_code="200"/ {match($0, /status_code="[0-9]+"/); printf "%s %s; ", substr($0, RSTART + 13, RLENGTH - 14), $2}')
+    echo
+    echo "meshd's answers other than 200 over the whole run (status count): ${odd:-none}"
+  fi
 } > "$report"
 cat "$report"
 cp "$report" "$OUT"

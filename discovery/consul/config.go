@@ -155,6 +155,10 @@ func newConn(cfg Config) (*conn, error) {
 		// Each watched service holds one connection in a blocking query;
 		// keep them for reuse instead of re-dialling after every answer.
 		ac.Transport.MaxIdleConnsPerHost = 1024
+		// HTTP/1.1 over TLS too, as over plain HTTP: over HTTP/2 a
+		// refused handshake (a missing client certificate, say) surfaces
+		// only as "client conn could not be established", without why.
+		ac.Transport.ForceAttemptHTTP2 = false
 	}
 	client, err := api.NewClient(ac)
 	if err != nil {

@@ -179,6 +179,25 @@ func (t *Transport) get(addr string) *conn {
 	return nil
 }
 
+// dropIdleSince closes the pooled connections to addr that have been idle
+// since before (or at) t: the instance closed one idle that long, so it
+// has closed these too or is about to.
+func (t *Transport) dropIdleSince(addr string, since time.Time) {
+	p := t.poolFor(addr)
+	p.mu.Lock()
+	kept := p.idle[:0]
+	for _, c := range p.idle {
+		if c.idleAt.After(since) {
+			kept = append(kept, c)
+		} else {
+			c.close()
+		}
+	}
+	clear(p.idle[len(kept):])
+	p.idle = kept
+	p.mu.Unlock()
+}
+
 // put returns a healthy connection to its pool.
 func (t *Transport) put(c *conn) {
 	if c.broken.Load() {
@@ -282,7 +301,12 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	ctx := req.Context()
 	addr := req.URL.Host
 	for try := 0; ; try++ {
-		c := t.get(addr)
+		var c *conn
+		if try == 0 {
+			// A retry after a stale connection dials: the next pooled
+			// one is likely stale too.
+			c = t.get(addr)
+		}
 		if c == nil {
 			var err error
 			if c, err = t.dialConn(ctx, addr); err != nil {
@@ -293,6 +317,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := c.roundTrip(req)
 		if err == nil {
 			return resp, nil
+		}
+		if c.reused && errors.Is(err, errStale) {
+			// The instance closed a connection idle this long; those idle
+			// as long or longer went the same way.
+			t.dropIdleSince(addr, c.idleAt)
 		}
 		if c.reused && try < 2 && errors.Is(err, errStale) && ctx.Err() == nil {
 			if req.Body == nil || req.Body == http.NoBody {

@@ -631,3 +631,56 @@ func TestRandomCancellationsSpareLaterRequests(t *testing.T) {
 		t.Fatalf("%d requests that were never cancelled failed; the first: %v", n, firstErr.Load())
 	}
 }
+
+// When an instance has closed every idle connection (its keep-alive
+// timeout is shorter than meshd's), a request meets a stale one first; its
+// retry dials instead of trying the next stale one, and the others, idle as
+// long, are dropped rather than met one by one by later requests.
+func TestStalePoolIsLeftBehind(t *testing.T) {
+	const n = 4
+	var arrived sync.WaitGroup
+	arrived.Add(n)
+	release := make(chan struct{})
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/together" {
+			arrived.Done()
+			<-release
+		}
+		io.WriteString(w, "ok")
+	})
+	tr := New(Options{})
+	// n requests at once: n connections, all pooled afterwards.
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequest("GET", srv.URL+"/together", nil)
+			resp, err := tr.RoundTrip(req)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}()
+	}
+	arrived.Wait()
+	close(release)
+	wg.Wait()
+	if conns.Load() != n {
+		t.Fatalf("want %d connections, have %d", n, conns.Load())
+	}
+	// The instance closes them all, as an idle timeout would.
+	srv.CloseClientConnections()
+	for i := 0; i < n; i++ {
+		if _, body := get(t, tr, srv.URL+"/"); body != "ok" {
+			t.Fatalf("request %d after the instance closed its idle connections: %q", i, body)
+		}
+	}
+	// One new connection served them all: the stale ones were not met
+	// again, each of them costing a failed write and a new dial.
+	if have := conns.Load(); have != n+1 {
+		t.Fatalf("want %d connections in all (one new), have %d", n+1, have)
+	}
+}

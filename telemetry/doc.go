@@ -189,6 +189,11 @@
 //   - target_info: the resource attributes (service.name, ...).
 //   - go_* and process_*: the Go runtime and process of meshd itself.
 //
+// The series of an instance that left discovery, and of an upstream that
+// is gone, are dropped (Metrics.ForgetInstance, Metrics.ForgetUpstream),
+// except the counters of retries, breaker transitions and discovery
+// updates and the in-flight gauge.
+//
 // Duration buckets are 5ms, 10ms, 25ms, 50ms, 75ms, 100ms, 250ms, 500ms,
 // 750ms, 1s, 2.5s, 5s, 7.5s and 10s.
 //

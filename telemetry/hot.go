@@ -122,6 +122,25 @@ func (c *seriesCache[K, V]) getOrAdd(k K, mk func() V) V {
 	return v
 }
 
+// deleteWhere removes every key for which drop returns true.
+func (c *seriesCache[K, V]) deleteWhere(drop func(K, V) bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.m.Load()
+	if old == nil {
+		return
+	}
+	next := make(map[K]V, len(*old))
+	for k, v := range *old {
+		if !drop(k, v) {
+			next[k] = v
+		}
+	}
+	if len(next) != len(*old) {
+		c.m.Store(&next)
+	}
+}
+
 // each calls f for every value.
 func (c *seriesCache[K, V]) each(f func(V)) {
 	c.eachKey(func(_ K, v V) { f(v) })
@@ -138,6 +157,9 @@ func (c *seriesCache[K, V]) eachKey(f func(K, V)) {
 
 // hotMetrics holds the per-request series. Safe for concurrent use.
 type hotMetrics struct {
+	// mu orders the making of a request's series against forget, so that
+	// a reqSeries never points at a series forget has just dropped.
+	mu      sync.Mutex
 	req     seriesCache[reqKey, reqSeries]
 	srv     seriesCache[srvKey, *hotHistogram]
 	clients seriesCache[string, *hotHistogram] // by label string, shared by reqKeys
@@ -154,6 +176,11 @@ const (
 func promName(k attribute.Key) string { return strings.ReplaceAll(string(k), ".", "_") }
 
 func (h *hotMetrics) request(k reqKey) reqSeries {
+	if v, ok := h.req.get(k); ok {
+		return v
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	return h.req.getOrAdd(k, func() reqSeries {
 		labels := prometheus.Labels{promName(AttrUpstream): k.upstream, promName(AttrInstanceID): k.instance}
 		if k.status > 0 {
@@ -191,6 +218,25 @@ func (h *hotMetrics) server(k srvKey) *hotHistogram {
 		}
 		return &hotHistogram{desc: prometheus.NewDesc("http_server_request_duration_seconds", helpServerDuration, nil, labels)}
 	})
+}
+
+// forget drops the per-request series of upstream: all of them when
+// instance is "", else those of that instance. An attempt recorded while
+// this runs may be lost; one recorded after it starts the series anew.
+func (h *hotMetrics) forget(upstream, instance string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	match := func(u, i string) bool { return u == upstream && (instance == "" || i == instance) }
+	h.req.deleteWhere(func(k reqKey, _ reqSeries) bool { return match(k.upstream, k.instance) })
+	h.counts.deleteWhere(func(k [3]string, _ *hotCounter) bool { return match(k[0], k[1]) })
+	prefix := upstream + "\x00"
+	if instance != "" {
+		prefix += instance + "\x00"
+	}
+	h.clients.deleteWhere(func(id string, _ *hotHistogram) bool { return strings.HasPrefix(id, prefix) })
+	if instance == "" {
+		h.srv.deleteWhere(func(k srvKey, _ *hotHistogram) bool { return k.upstream == upstream })
+	}
 }
 
 // labelID is a canonical string for a label set.

@@ -44,7 +44,8 @@ var durationBuckets = [...]float64{0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0
 // (RequestDone, ServerRequestDone, InFlight, Retry) look up a cached
 // series or attribute set per label combination and do not allocate once a
 // combination has been seen; the cache keeps every combination for the life
-// of the process, like the Prometheus series it feeds. RequestDone,
+// until ForgetInstance or ForgetUpstream drops it, like the Prometheus
+// series it feeds. RequestDone,
 // ServerRequestDone and InFlight take no lock: their series are atomic
 // counters read when /metrics is scraped (see hotMetrics).
 type Metrics struct {
@@ -55,10 +56,12 @@ type Metrics struct {
 	inFlightBy         seriesCache[string, *atomic.Int64]
 	retries            metric.Int64Counter
 	breakerTransitions metric.Int64Counter
-	breakerState       metric.Int64Gauge
 	discUpdates        metric.Int64Counter
-	discInstances      metric.Int64Gauge
-	discStale          metric.Int64Gauge
+	// The gauges are observed at collection time from these, so that the
+	// series of a forgotten instance or upstream stop being exported.
+	breakerState  gaugeSet[[2]string]
+	discInstances gaugeSet[string]
+	discStale     gaugeSet[string]
 
 	upstreamSets setCache[string]
 	retrySets    setCache[[2]string]
@@ -133,20 +136,20 @@ func newInstruments(meter metric.Meter) (*Metrics, error) {
 		metric.WithDescription("Circuit breaker state changes.")); err != nil {
 		return fail(MetricBreakerTransitions, err)
 	}
-	if m.breakerState, err = meter.Int64Gauge(MetricBreakerState,
-		metric.WithDescription("Circuit breaker state per instance: 0 closed, 1 open, 2 half-open.")); err != nil {
+	if err = m.breakerState.register(meter, MetricBreakerState, "",
+		"Circuit breaker state per instance: 0 closed, 1 open, 2 half-open."); err != nil {
 		return fail(MetricBreakerState, err)
 	}
 	if m.discUpdates, err = meter.Int64Counter(MetricDiscoveryUpdates, metric.WithUnit("{update}"),
 		metric.WithDescription("Instance sets received from discovery.")); err != nil {
 		return fail(MetricDiscoveryUpdates, err)
 	}
-	if m.discInstances, err = meter.Int64Gauge(MetricDiscoveryInstances, metric.WithUnit("{instance}"),
-		metric.WithDescription("Instances in the latest set from discovery.")); err != nil {
+	if err = m.discInstances.register(meter, MetricDiscoveryInstances, "{instance}",
+		"Instances in the latest set from discovery."); err != nil {
 		return fail(MetricDiscoveryInstances, err)
 	}
-	if m.discStale, err = meter.Int64Gauge(MetricDiscoveryStale,
-		metric.WithDescription("1 while discovery for the upstream is failing and the last good set is in use.")); err != nil {
+	if err = m.discStale.register(meter, MetricDiscoveryStale, "",
+		"1 while discovery for the upstream is failing and the last good set is in use."); err != nil {
 		return fail(MetricDiscoveryStale, err)
 	}
 	return m, nil
@@ -250,9 +253,39 @@ func (m *Metrics) BreakerTransition(upstream, instance, from, to string) {
 		AttrUpstream.String(upstream), AttrInstanceID.String(instance),
 		AttrBreakerFrom.String(from), AttrBreakerTo.String(to)))
 	if v, ok := BreakerStateValue(to); ok {
-		m.breakerState.Record(ctx, v, metric.WithAttributes(
-			AttrUpstream.String(upstream), AttrInstanceID.String(instance)))
+		m.breakerState.set([2]string{upstream, instance}, v, func() attribute.Set {
+			return attribute.NewSet(AttrUpstream.String(upstream), AttrInstanceID.String(instance))
+		})
 	}
+}
+
+// ForgetInstance drops the series of instance of upstream (its attempts'
+// durations and counts, and its breaker state): call it when the instance
+// leaves the upstream, so that a long-running sidecar does not report, or
+// keep in memory, every instance it ever saw. Recording for the instance
+// again starts its series anew. Safe for concurrent use.
+func (m *Metrics) ForgetInstance(upstream, instance string) {
+	if m == nil {
+		return
+	}
+	m.hot.forget(upstream, instance)
+	m.breakerState.delete(func(k [2]string) bool { return k == [2]string{upstream, instance} })
+}
+
+// ForgetUpstream drops every series of upstream that describes its current
+// state or its instances: attempts and requests, breaker states and the
+// discovery gauges. Call it when the upstream is gone (an on-demand watch
+// reaped, an upstream a reload removed). The counters of retries, breaker
+// transitions and discovery updates, and the in-flight gauge (0 once the
+// upstream is idle), stay. Safe for concurrent use.
+func (m *Metrics) ForgetUpstream(upstream string) {
+	if m == nil {
+		return
+	}
+	m.hot.forget(upstream, "")
+	m.breakerState.delete(func(k [2]string) bool { return k[0] == upstream })
+	m.discInstances.delete(func(k string) bool { return k == upstream })
+	m.discStale.delete(func(k string) bool { return k == upstream })
 }
 
 // BreakerStateValue maps a breaker state name to the value of
@@ -278,7 +311,7 @@ func (m *Metrics) DiscoveryUpdate(upstream, source string, instances int) {
 	}
 	ctx := context.Background()
 	m.discUpdates.Add(ctx, 1, metric.WithAttributes(AttrUpstream.String(upstream), AttrDiscoverySrc.String(source)))
-	m.discInstances.Record(ctx, int64(instances), m.upstreamOpts(upstream).rec...)
+	m.discInstances.set(upstream, int64(instances), func() attribute.Set { return attribute.NewSet(AttrUpstream.String(upstream)) })
 }
 
 // DiscoveryStale sets meshd.discovery.stale for upstream: 1 while discovery
@@ -291,7 +324,66 @@ func (m *Metrics) DiscoveryStale(upstream string, stale bool) {
 	if stale {
 		v = 1
 	}
-	m.discStale.Record(context.Background(), v, m.upstreamOpts(upstream).rec...)
+	m.discStale.set(upstream, v, func() attribute.Set { return attribute.NewSet(AttrUpstream.String(upstream)) })
+}
+
+// gaugeSet holds the current value of each series of an observed gauge.
+// Updates are rare (state changes, discovery updates) and take a mutex.
+type gaugeSet[K comparable] struct {
+	mu sync.Mutex
+	v  map[K]gaugeValue
+}
+
+type gaugeValue struct {
+	n    int64
+	opts []metric.ObserveOption
+}
+
+// register makes the gauge and the callback that observes every series.
+func (g *gaugeSet[K]) register(meter metric.Meter, name, unit, desc string) error {
+	opts := []metric.Int64ObservableGaugeOption{metric.WithDescription(desc)}
+	if unit != "" {
+		opts = append(opts, metric.WithUnit(unit))
+	}
+	inst, err := meter.Int64ObservableGauge(name, opts...)
+	if err != nil {
+		return err
+	}
+	_, err = meter.RegisterCallback(func(_ context.Context, o metric.Observer) error {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		for _, v := range g.v {
+			o.ObserveInt64(inst, v.n, v.opts...)
+		}
+		return nil
+	}, inst)
+	return err
+}
+
+// set sets k's value; attrs builds its labels the first time k is seen.
+func (g *gaugeSet[K]) set(k K, n int64, attrs func() attribute.Set) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.v == nil {
+		g.v = map[K]gaugeValue{}
+	}
+	v, ok := g.v[k]
+	if !ok {
+		v.opts = []metric.ObserveOption{metric.WithAttributeSet(attrs())}
+	}
+	v.n = n
+	g.v[k] = v
+}
+
+// delete drops the series whose key matches.
+func (g *gaugeSet[K]) delete(match func(K) bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for k := range g.v {
+		if match(k) {
+			delete(g.v, k)
+		}
+	}
 }
 
 // setOpts are the pre-built measurement options for one label combination.

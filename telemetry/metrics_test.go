@@ -235,6 +235,8 @@ func TestNilMetricsAreNoOps(t *testing.T) {
 	m.BreakerTransition("u", "i", "closed", "open")
 	m.DiscoveryUpdate("u", "static", 1)
 	m.DiscoveryStale("u", true)
+	m.ForgetInstance("u", "i")
+	m.ForgetUpstream("u")
 
 	clearOTelEnv(t)
 	p, err := Setup(context.Background(), Config{}, nil)
@@ -317,5 +319,125 @@ func TestNegativeStatusIsNoStatus(t *testing.T) {
 	}
 	if have := value(t, s, "http_client_request_duration_seconds_count", map[string]string{"meshd_upstream": "u"}); have != 2 {
 		t.Errorf("client count: want 2, have %v", have)
+	}
+}
+
+// has reports whether s holds a sample of name whose labels include want.
+func has(s []sample, name string, want map[string]string) bool {
+	for _, smp := range s {
+		if smp.name != name {
+			continue
+		}
+		ok := true
+		for k, v := range want {
+			if smp.labels[k] != v {
+				ok = false
+				break
+			}
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
+}
+
+// An instance that left discovery, or an upstream that is gone, must not
+// keep reporting: a breaker shown open for an instance that no longer
+// exists would page someone forever.
+func TestForgottenSeriesLeaveTheScrape(t *testing.T) {
+	p, _ := newRecorded(t, Config{})
+	m := p.Metrics
+	for _, u := range []string{"payments", "orders"} {
+		for _, inst := range []string{"n1/p1", "n2/p2"} {
+			m.RequestDone(u, inst, 200, time.Millisecond, "")
+			m.RequestDone(u, inst, 0, time.Millisecond, ErrTypeTimeout)
+			m.BreakerTransition(u, inst, "closed", "open")
+		}
+		m.ServerRequestDone(u, 200, time.Millisecond)
+		m.DiscoveryUpdate(u, "consul", 2)
+		m.DiscoveryStale(u, true)
+	}
+	inst := func(u, i string) map[string]string {
+		return map[string]string{"meshd_upstream": u, "meshd_instance_id": i}
+	}
+	up := func(u string) map[string]string { return map[string]string{"meshd_upstream": u} }
+	perInstance := []string{"http_client_request_duration_seconds_count", "meshd_requests_total", "meshd_breaker_state"}
+
+	m.ForgetInstance("payments", "n1/p1")
+	s := scrape(t, p)
+	for _, name := range perInstance {
+		if has(s, name, inst("payments", "n1/p1")) {
+			t.Errorf("%s: the forgotten instance is still reported", name)
+		}
+		for _, keep := range []map[string]string{inst("payments", "n2/p2"), inst("orders", "n1/p1")} {
+			if !has(s, name, keep) {
+				t.Errorf("%s%v: gone, but only payments n1/p1 was forgotten", name, keep)
+			}
+		}
+	}
+	// Recording again brings the instance back, from zero.
+	m.RequestDone("payments", "n1/p1", 200, time.Millisecond, "")
+	s = scrape(t, p)
+	if have := value(t, s, "meshd_requests_total", map[string]string{"meshd_upstream": "payments", "meshd_instance_id": "n1/p1", "meshd_status_class": "2xx"}); have != 1 {
+		t.Errorf("meshd_requests_total after coming back: want 1, have %v", have)
+	}
+
+	m.ForgetUpstream("payments")
+	s = scrape(t, p)
+	for _, name := range append(perInstance, "http_server_request_duration_seconds_count", "meshd_discovery_instances", "meshd_discovery_stale") {
+		if has(s, name, up("payments")) {
+			t.Errorf("%s: the forgotten upstream is still reported", name)
+		}
+		if !has(s, name, up("orders")) {
+			t.Errorf("%s: orders is gone, but only payments was forgotten", name)
+		}
+	}
+	if have := value(t, s, "meshd_breaker_state", inst("orders", "n2/p2")); have != 1 {
+		t.Errorf("meshd_breaker_state for orders n2/p2: want 1, have %v", have)
+	}
+}
+
+// Forgetting while attempts are recorded must not leave an attempt's series
+// pointing at one the scrape no longer sees: once the churn stops, the next
+// attempt of every instance shows.
+func TestForgetRacingRecords(t *testing.T) {
+	p, _ := newRecorded(t, Config{})
+	m := p.Metrics
+	insts := []string{"a", "b", "c", "d"}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				m.RequestDone("u", insts[(w+i)%len(insts)], 200+i%3, time.Millisecond, "")
+			}
+		}()
+	}
+	for i := range 2000 {
+		m.ForgetInstance("u", insts[i%len(insts)])
+	}
+	close(stop)
+	wg.Wait()
+	for _, in := range insts {
+		for st := 200; st < 203; st++ {
+			m.RequestDone("u", in, st, time.Millisecond, "")
+		}
+	}
+	s := scrape(t, p)
+	for _, in := range insts {
+		for st := 200; st < 203; st++ {
+			labels := map[string]string{"meshd_instance_id": in, "http_response_status_code": strconv.Itoa(st)}
+			if !has(s, "http_client_request_duration_seconds_count", labels) {
+				t.Errorf("instance %s status %d: recorded after the churn, but not in the scrape", in, st)
+			}
+		}
 	}
 }

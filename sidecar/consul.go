@@ -290,6 +290,12 @@ func (s *Sidecar) reapIdle() {
 		if len(gone) > 0 {
 			s.upstreams.Store(&next)
 		}
+		for _, u := range gone {
+			// Under s.mu: an on-demand watch made again for the same name
+			// cannot start reporting before this forgets the old one.
+			u.retired.Store(true)
+			metricsOf(s.tel).ForgetUpstream(u.name)
+		}
 		s.mu.Unlock()
 		for _, u := range gone {
 			s.log.Info("stopping idle on-demand watch", "upstream", u.name, "idle", idle)

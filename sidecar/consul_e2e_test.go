@@ -387,7 +387,7 @@ func TestDiscoverOnDemand(t *testing.T) {
 	inv := newBackend(t, "inventory-1", nil)
 	register(t, cl, "inventory", "i1", inv, false)
 	register(t, cl, "secret", "s1", inv, false)
-	s := start(t, fmt.Sprintf(`
+	s, tel := startWithMetrics(t, fmt.Sprintf(`
 discovery: {consul: {address: %s}, on_demand_allow: ["inv*"], on_demand_idle: 300ms}
 `, c.Addr()))
 	pc := proxyClient(s)
@@ -400,6 +400,9 @@ discovery: {consul: {address: %s}, on_demand_allow: ["inv*"], on_demand_idle: 30
 	}
 	if st := status(t, s, "inventory"); !st.OnDemand || st.Source != "consul" {
 		t.Fatalf("on-demand upstream: have %+v", st)
+	}
+	if !series(scrapeText(t, tel), "meshd_requests_total", `meshd_upstream="inventory"`) {
+		t.Fatal("no meshd_requests_total for the on-demand upstream")
 	}
 	resp, _ = pc.Get("http://ghost/")
 	if body := readAll(t, resp); resp.StatusCode != 403 {
@@ -417,6 +420,13 @@ discovery: {consul: {address: %s}, on_demand_allow: ["inv*"], on_demand_idle: 30
 		}
 		return true
 	})
+	// A reaped watch's upstream stops being reported.
+	text := scrapeText(t, tel)
+	for _, name := range []string{"meshd_requests_total", "http_server_request_duration_seconds_count", "meshd_discovery_instances"} {
+		if series(text, name, `meshd_upstream="inventory"`) {
+			t.Errorf("%s: the reaped on-demand upstream is still reported", name)
+		}
+	}
 }
 
 // Static and Consul upstreams side by side in one sidecar.

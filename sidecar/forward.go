@@ -385,7 +385,11 @@ func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), 
 		ex.u.errors.Add(1)
 	}
 	telemetry.EndAttempt(aspan, status, kind)
-	m.RequestDone(ex.u.name, ep.ID, status, time.Since(t0), kind)
+	if !ex.u.retired.Load() {
+		// (A try that outlives its upstream would bring back the series
+		// the retirement dropped, for good.)
+		m.RequestDone(ex.u.name, ep.ID, status, time.Since(t0), kind)
+	}
 }
 
 // retry asks the policy whether a failed try is tried again, and waits the backoff.

@@ -377,6 +377,14 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 			ups[name] = u
 		}
 	}
+	// Upstreams replaced or removed stop reporting before their successors
+	// start, so that the successors' series are their own.
+	for name, u := range old {
+		if ups[name] != u {
+			u.retired.Store(true)
+			metricsOf(s.tel).ForgetUpstream(name)
+		}
+	}
 	s.upstreams.Store(&ups)
 	for name, u := range ups {
 		if prev, ok := old[name]; !ok || prev != u {

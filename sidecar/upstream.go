@@ -38,6 +38,10 @@ type upstream struct {
 	errors   atomic.Uint64
 	lastUsed atomic.Int64 // unix nanos, for idle on-demand watches
 	onDemand bool
+	// retired is set when a reload or the idle reaper takes the upstream
+	// out of service: instances its pool drops after that are no longer
+	// its metrics' to forget (a successor may have them).
+	retired atomic.Bool
 	// inboundAddr is the local app's address for the inbound upstream.
 	inboundAddr string
 
@@ -165,7 +169,9 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			if upd != nil {
 				before := len(u.pool.Load().Endpoints)
 				u.pool.Update(upd.Instances, upd.Reason)
-				metricsOf(u.tel).DiscoveryUpdate(u.name, src.Name(), len(upd.Instances))
+				if !u.retired.Load() {
+					metricsOf(u.tel).DiscoveryUpdate(u.name, src.Name(), len(upd.Instances))
+				}
 				first := !u.answered.Swap(true)
 				u.firstOnce.Do(func() { close(u.first) })
 				lvl := slog.LevelDebug
@@ -176,7 +182,9 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			}
 			prev := u.status.Load()
 			u.status.Store(&st)
-			metricsOf(u.tel).DiscoveryStale(u.name, st.Err != nil)
+			if !u.retired.Load() {
+				metricsOf(u.tel).DiscoveryStale(u.name, st.Err != nil)
+			}
 			if st.Err != nil && (prev == nil || prev.Err == nil) {
 				u.log.Warn("discovery failing; routing to the last known instances", "upstream", u.name, "source", src.Name(), "err", st.Err, "instances", len(u.pool.Load().Endpoints))
 			} else if st.Err == nil && prev != nil && prev.Err != nil {
@@ -217,14 +225,24 @@ func inboundSettings() config.Upstream {
 func newUpstream(name, source string, uc config.Upstream, policy balance.Policy, log *slog.Logger, tel *telemetry.Provider) (*upstream, error) {
 	u := &upstream{name: name, source: source, log: log, tel: tel, pool: balance.NewPool(policy), done: make(chan struct{}), first: make(chan struct{})}
 	g, err := resilience.NewGuard(name, uc.Resilience(), log, func(id string, from, to balance.BreakerState) {
-		metricsOf(tel).BreakerTransition(name, id, from.String(), to.String())
+		if !u.retired.Load() {
+			metricsOf(tel).BreakerTransition(name, id, from.String(), to.String())
+		}
 	})
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q: %w", name, err)
 	}
 	u.guard = g
 	u.pool.OnNew = g.Attach
-	u.pool.OnRemove = g.Detach
+	u.pool.OnRemove = func(inst discovery.Instance, st *balance.Stats) {
+		g.Detach(inst, st)
+		// An instance that left stops being reported: a long-running
+		// sidecar would otherwise keep a series for every instance it
+		// ever saw, a breaker shown open among them.
+		if !u.retired.Load() {
+			metricsOf(tel).ForgetInstance(name, inst.ID)
+		}
+	}
 	u.settings.Store(&upstreamSettings{cfg: uc, algorithm: policy.Name(), transport: newTransport(uc)})
 	return u, nil
 }

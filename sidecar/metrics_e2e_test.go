@@ -1,0 +1,146 @@
+package sidecar
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/meshd/meshd/sidecar/config"
+	"github.com/meshd/meshd/telemetry"
+)
+
+// scrapeText returns the Prometheus exposition of tel.
+func scrapeText(t *testing.T, tel *telemetry.Provider) string {
+	t.Helper()
+	w := httptest.NewRecorder()
+	tel.MetricsHandler.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	if w.Code != http.StatusOK {
+		t.Fatalf("GET /metrics: %d", w.Code)
+	}
+	return w.Body.String()
+}
+
+// series reports whether the exposition has a sample of name whose labels
+// include every one of labels (each `key="value"`).
+func series(text, name string, labels ...string) bool {
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, name+"{") {
+			continue
+		}
+		all := true
+		for _, l := range labels {
+			if !strings.Contains(line, l) {
+				all = false
+				break
+			}
+		}
+		if all {
+			return true
+		}
+	}
+	return false
+}
+
+// startWithMetrics is start with meshd's metrics on.
+func startWithMetrics(t *testing.T, yaml string) (*Sidecar, *telemetry.Provider) {
+	t.Helper()
+	tel, err := telemetry.Setup(context.Background(), telemetry.Config{Metrics: true}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tel.Shutdown(context.Background()) })
+	cfg, err := parseConfig(yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), tel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(10 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	return s, tel
+}
+
+// An instance that leaves discovery, and an upstream a reload removes, stop
+// showing in /metrics; the rest stay.
+func TestMetricsForgetWhatLeft(t *testing.T) {
+	b1, b2, b3 := newBackend(t, "b1", nil), newBackend(t, "b2", nil), newBackend(t, "b3", nil)
+	conf := func(svc string, q bool) string {
+		y := fmt.Sprintf("discovery: {static: {svc: [%s], q: [%s]}}\nupstreams:\n  svc: {balance: {algorithm: round_robin}}\n", svc, b3.addr())
+		if q {
+			y += "  q: {}\n"
+		}
+		return y
+	}
+	s, tel := startWithMetrics(t, conf(b1.addr()+", "+b2.addr(), true))
+	var (
+		cfg *config.Config
+		err error
+	)
+	c := proxyClient(s)
+	for _, host := range []string{"svc", "svc", "q"} {
+		resp, err := c.Get("http://" + host + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		readAll(t, resp)
+	}
+	inst := func(b *backend) string { return `meshd_instance_id="` + b.addr() + `"` }
+	const reqs = "meshd_requests_total"
+	text := scrapeText(t, tel)
+	for _, b := range []*backend{b1, b2, b3} {
+		if !series(text, reqs, inst(b)) {
+			t.Fatalf("before any change: no %s for %s:\n%s", reqs, b.name, text)
+		}
+	}
+	if !series(text, "meshd_discovery_instances", `meshd_upstream="q"`) {
+		t.Fatal("before any change: no meshd_discovery_instances for q")
+	}
+
+	// b1 leaves svc.
+	cfg, err = parseConfig(conf(b2.addr(), true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "svc down to one instance", func() bool { return len(s.lookup("svc").pool.Load().Endpoints) == 1 })
+	text = scrapeText(t, tel)
+	if series(text, reqs, inst(b1)) || series(text, "http_client_request_duration_seconds_count", inst(b1)) {
+		t.Errorf("b1 left svc, but its series are still reported")
+	}
+	if !series(text, reqs, inst(b2)) || !series(text, reqs, inst(b3)) {
+		t.Errorf("b2 and b3 are still in use, but a series of theirs is gone")
+	}
+
+	// q leaves the config.
+	cfg, err = parseConfig(conf(b2.addr(), false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	text = scrapeText(t, tel)
+	for _, name := range []string{reqs, "http_server_request_duration_seconds_count", "meshd_discovery_instances", "meshd_discovery_stale"} {
+		if series(text, name, `meshd_upstream="q"`) {
+			t.Errorf("%s: q was removed, but is still reported", name)
+		}
+		if !series(text, name, `meshd_upstream="svc"`) {
+			t.Errorf("%s: svc is still configured, but is gone", name)
+		}
+	}
+}

@@ -504,7 +504,9 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request) 
 			cl++
 		case "Transfer-Encoding":
 			te++
-		case "Upgrade", "Expect", "Te":
+		case "Upgrade", "Expect", "Te", "Trailer":
+			// (A declared trailer is net/http's to collect: it fills
+			// Request.Trailer, which the forward passes on.)
 			return nil, false, nil
 		}
 		r.Header[key] = append(r.Header[key], v)

@@ -792,6 +792,11 @@ func prepareBody(r *http.Request, ab *abortableBody, limit int64) (*reqBody, err
 		return nil, err
 	}
 	if int64(len(buf)) <= limit {
+		if len(r.Trailer) > 0 {
+			// Sent with a length, the body would lose the trailers that
+			// came after it: chunked again, they follow it.
+			return &reqBody{buf: buf, length: -1}, nil
+		}
 		return &reqBody{buf: buf, length: int64(len(buf))}, nil
 	}
 	return &reqBody{stream: &prefixedBody{io.MultiReader(bytes.NewReader(buf), ab), ab}, length: -1}, nil

@@ -530,3 +530,49 @@ func TestInboundDoesNotRetry(t *testing.T) {
 		t.Fatalf("want the app's 503 after exactly one try, have %d after %d tries", resp.StatusCode, app.hits.Load())
 	}
 }
+
+// Trailers a caller sends after a chunked request body reach the instance,
+// whether meshd buffered the body to be able to retry it or streamed it.
+func TestRequestTrailersReachTheInstance(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		n, err := io.Copy(io.Discard, r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		fmt.Fprintf(w, "%d %s", n, r.Trailer.Get("X-Checksum"))
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {buffer_body: 1024}}}\n", b.addr()))
+	for _, size := range []int{10, 4096} { // buffered, then streamed
+		// A reader that is not a *strings.Reader: the client then sends
+		// the body chunked, the trailers after it.
+		body := io.MultiReader(strings.NewReader(strings.Repeat("x", size)))
+		req, _ := http.NewRequest("POST", "http://svc/up", body)
+		req.Trailer = http.Header{"X-Checksum": nil}
+		req.Body = &trailerSetter{ReadCloser: io.NopCloser(body), req: req, value: fmt.Sprint("sum-", size)}
+		resp, err := proxyClient(s).Do(req)
+		if err != nil {
+			t.Fatalf("%d bytes: %v", size, err)
+		}
+		want := fmt.Sprintf("%d sum-%d", size, size)
+		if have := readAll(t, resp); resp.StatusCode != 200 || have != want {
+			t.Errorf("%d bytes: want 200 %q, have %d %q", size, want, resp.StatusCode, have)
+		}
+	}
+}
+
+// trailerSetter sets a request's trailer value when its body ends, as a
+// client computing a checksum while it sends would.
+type trailerSetter struct {
+	io.ReadCloser
+	req   *http.Request
+	value string
+}
+
+func (t *trailerSetter) Read(p []byte) (int, error) {
+	n, err := t.ReadCloser.Read(p)
+	if err == io.EOF {
+		t.req.Trailer.Set("X-Checksum", t.value)
+	}
+	return n, err
+}

@@ -250,6 +250,7 @@ func (s *Sidecar) addOnDemand(name string) (*upstream, error) {
 	if err != nil {
 		return nil, err
 	}
+	u.current = s.lookup
 	u.onDemand = true
 	u.lastUsed.Store(time.Now().UnixNano())
 	old := *s.upstreams.Load()

@@ -60,6 +60,9 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	defer func() {
 		telemetry.EndServer(span, ex.status, ex.errType)
 		m.ServerRequestDone(u.name, ex.status, time.Since(start))
+		if m != nil && u.retired.Load() {
+			u.settleMetrics("")
+		}
 		telemetry.AccessLog(s.accessLogger(), ctx, telemetry.Access{
 			Upstream: u.name, Instance: ex.instance, Method: r.Method, Path: r.URL.Path,
 			Status: ex.status, Duration: time.Since(start), Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
@@ -85,6 +88,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	}
 	set := u.settings.Load()
 	snap := u.pool.Load()
+	ex.snap = snap
 	if stale, since, err := u.stale(); stale {
 		telemetry.StaleDiscovery(span, u.name, since, err.Error())
 	}
@@ -330,8 +334,9 @@ type exchange struct {
 	bytes    int64
 	errType  string
 	errMsg   string
-	ab       *abortableBody // the request body, if any
-	silent   bool           // the caller left: abort instead of answering
+	ab       *abortableBody    // the request body, if any
+	snap     *balance.Snapshot // the instances when the request began
+	silent   bool              // the caller left: abort instead of answering
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this
@@ -385,10 +390,10 @@ func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), 
 		ex.u.errors.Add(1)
 	}
 	telemetry.EndAttempt(aspan, status, kind)
-	if !ex.u.retired.Load() {
-		// (A try that outlives its upstream would bring back the series
-		// the retirement dropped, for good.)
-		m.RequestDone(ex.u.name, ep.ID, status, time.Since(t0), kind)
+	m.RequestDone(ex.u.name, ep.ID, status, time.Since(t0), kind)
+	if m != nil && (ex.u.pool.Load() != ex.snap || ex.u.retired.Load()) {
+		// The instance, or the upstream, may have left while the try ran.
+		ex.u.settleMetrics(ep.ID)
 	}
 }
 

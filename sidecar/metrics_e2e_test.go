@@ -3,8 +3,10 @@ package sidecar
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	neturl "net/url"
 	"strings"
 	"testing"
 	"time"
@@ -141,6 +143,98 @@ func TestMetricsForgetWhatLeft(t *testing.T) {
 		}
 		if !series(text, name, `meshd_upstream="svc"`) {
 			t.Errorf("%s: svc is still configured, but is gone", name)
+		}
+	}
+}
+
+// slowThenReload sends GET url through s and, while the instance holds it,
+// reloads s with yaml; then it lets the request finish and sends a second
+// request, to svc, on the same connection: served in turn, its answer means
+// the first request's handler has returned, metrics recorded.
+func slowThenReload(t *testing.T, s *Sidecar, entered, release chan struct{}, url, yaml string) {
+	t.Helper()
+	pu, _ := neturl.Parse("http://" + s.Addr("outbound"))
+	c := &http.Client{Transport: &http.Transport{Proxy: http.ProxyURL(pu), MaxConnsPerHost: 1}, Timeout: 30 * time.Second}
+	done := make(chan error, 1)
+	go func() {
+		resp, err := c.Get(url)
+		if err == nil {
+			_, err = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		done <- err
+	}()
+	<-entered
+	cfg, err := parseConfig(yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "svc with only what the reload left", func() bool { return len(s.lookup("svc").pool.Load().Endpoints) == 1 })
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Get("http://svc/next")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+}
+
+// holdSlow is a handler that holds /slow until release is closed.
+func holdSlow(name string, entered, release chan struct{}) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(entered)
+			<-release
+		}
+		fmt.Fprint(w, name)
+	}
+}
+
+// A try still running when its instance leaves does not bring the
+// instance's series back when it ends.
+func TestMetricsOfALeftInstanceStayGoneAfterItsLastTry(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	b1 := newBackend(t, "b1", holdSlow("b1", entered, release))
+	b2 := newBackend(t, "b2", nil)
+	conf := func(svc string) string {
+		return fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", svc)
+	}
+	s, tel := startWithMetrics(t, conf(b1.addr()))
+	slowThenReload(t, s, entered, release, "http://svc/slow", conf(b2.addr()))
+	text := scrapeText(t, tel)
+	for _, name := range []string{"meshd_requests_total", "http_client_request_duration_seconds_count"} {
+		if series(text, name, `meshd_instance_id="`+b1.addr()+`"`) {
+			t.Errorf("%s: b1 left svc before its last try ended, and is reported again", name)
+		}
+	}
+	if !series(text, "meshd_requests_total", `meshd_instance_id="`+b2.addr()+`"`) {
+		t.Error("meshd_requests_total: b2 served the last request, but is not reported")
+	}
+}
+
+// A request still running when a reload removes its upstream does not
+// bring the upstream's series back when it ends.
+func TestMetricsOfARemovedUpstreamStayGoneAfterItsLastRequest(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	b1 := newBackend(t, "b1", holdSlow("b1", entered, release))
+	conf := func(q bool) string {
+		y := fmt.Sprintf("discovery: {static: {svc: [%s], q: [%s]}}\nupstreams:\n  svc: {}\n", b1.addr(), b1.addr())
+		if q {
+			y += "  q: {}\n"
+		}
+		return y
+	}
+	s, tel := startWithMetrics(t, conf(true))
+	slowThenReload(t, s, entered, release, "http://q/slow", conf(false))
+	text := scrapeText(t, tel)
+	for _, name := range []string{"meshd_requests_total", "http_server_request_duration_seconds_count"} {
+		if series(text, name, `meshd_upstream="q"`) {
+			t.Errorf("%s: q was removed while a request ran, and is reported again", name)
 		}
 	}
 }

@@ -194,6 +194,7 @@ func (s *Sidecar) buildUpstreams(cfg *config.Config, old map[string]*upstream) (
 		if err != nil {
 			return nil, err
 		}
+		u.current = s.lookup
 		out[name] = u
 	}
 	return out, nil
@@ -377,15 +378,20 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 			ups[name] = u
 		}
 	}
-	// Upstreams replaced or removed stop reporting before their successors
-	// start, so that the successors' series are their own.
+	// Upstreams replaced or removed are marked, then the new set is
+	// published, then their series are forgotten (the order settleMetrics
+	// relies on), all before the successors start.
 	for name, u := range old {
 		if ups[name] != u {
 			u.retired.Store(true)
-			metricsOf(s.tel).ForgetUpstream(name)
 		}
 	}
 	s.upstreams.Store(&ups)
+	for name, u := range old {
+		if ups[name] != u {
+			metricsOf(s.tel).ForgetUpstream(name)
+		}
+	}
 	for name, u := range ups {
 		if prev, ok := old[name]; !ok || prev != u {
 			s.startUpstream(u)

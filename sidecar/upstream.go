@@ -42,6 +42,9 @@ type upstream struct {
 	// out of service: instances its pool drops after that are no longer
 	// its metrics' to forget (a successor may have them).
 	retired atomic.Bool
+	// current finds the upstream in service under a name now (the
+	// sidecar's lookup, set by the sidecar before the upstream starts).
+	current func(name string) *upstream
 	// inboundAddr is the local app's address for the inbound upstream.
 	inboundAddr string
 
@@ -169,8 +172,9 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			if upd != nil {
 				before := len(u.pool.Load().Endpoints)
 				u.pool.Update(upd.Instances, upd.Reason)
-				if !u.retired.Load() {
-					metricsOf(u.tel).DiscoveryUpdate(u.name, src.Name(), len(upd.Instances))
+				metricsOf(u.tel).DiscoveryUpdate(u.name, src.Name(), len(upd.Instances))
+				if u.retired.Load() {
+					u.settleMetrics("")
 				}
 				first := !u.answered.Swap(true)
 				u.firstOnce.Do(func() { close(u.first) })
@@ -182,8 +186,9 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			}
 			prev := u.status.Load()
 			u.status.Store(&st)
-			if !u.retired.Load() {
-				metricsOf(u.tel).DiscoveryStale(u.name, st.Err != nil)
+			metricsOf(u.tel).DiscoveryStale(u.name, st.Err != nil)
+			if u.retired.Load() {
+				u.settleMetrics("")
 			}
 			if st.Err != nil && (prev == nil || prev.Err == nil) {
 				u.log.Warn("discovery failing; routing to the last known instances", "upstream", u.name, "source", src.Name(), "err", st.Err, "instances", len(u.pool.Load().Endpoints))
@@ -192,6 +197,39 @@ func (u *upstream) run(ctx context.Context, src discovery.Source) {
 			}
 		}
 	}
+}
+
+// settleMetrics is called after recording a metric of u (of its instance
+// id, if id is set) when u or the instance may have left meanwhile: their
+// leaving dropped their series, and the record must not bring them back
+// for good. Whatever the interleaving with the leaving (which marks the
+// upstream and publishes its successor or its absence, then forgets), one
+// of the two forgets last.
+func (u *upstream) settleMetrics(id string) {
+	m := metricsOf(u.tel)
+	if m == nil {
+		return
+	}
+	cur := u
+	if u.retired.Load() {
+		if cur = u.current(u.name); cur == nil {
+			m.ForgetUpstream(u.name)
+			return
+		}
+	}
+	if id != "" && !hasInstance(cur.pool.Load(), id) {
+		m.ForgetInstance(u.name, id)
+	}
+}
+
+// hasInstance reports whether snap holds the instance id.
+func hasInstance(snap *balance.Snapshot, id string) bool {
+	for _, e := range snap.Endpoints {
+		if e.ID == id {
+			return true
+		}
+	}
+	return false
 }
 
 // stale reports whether discovery is failing, since when and why.
@@ -225,9 +263,10 @@ func inboundSettings() config.Upstream {
 func newUpstream(name, source string, uc config.Upstream, policy balance.Policy, log *slog.Logger, tel *telemetry.Provider) (*upstream, error) {
 	u := &upstream{name: name, source: source, log: log, tel: tel, pool: balance.NewPool(policy), done: make(chan struct{}), first: make(chan struct{})}
 	g, err := resilience.NewGuard(name, uc.Resilience(), log, func(id string, from, to balance.BreakerState) {
-		if !u.retired.Load() {
-			metricsOf(tel).BreakerTransition(name, id, from.String(), to.String())
-		}
+		// Reported outside the guard's lock: the instance may have left
+		// since it tripped.
+		metricsOf(tel).BreakerTransition(name, id, from.String(), to.String())
+		u.settleMetrics(id)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("upstream %q: %w", name, err)
@@ -243,6 +282,7 @@ func newUpstream(name, source string, uc config.Upstream, policy balance.Policy,
 			metricsOf(tel).ForgetInstance(name, inst.ID)
 		}
 	}
+	u.current = func(string) *upstream { return u }
 	u.settings.Store(&upstreamSettings{cfg: uc, algorithm: policy.Name(), transport: newTransport(uc)})
 	return u, nil
 }

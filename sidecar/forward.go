@@ -571,6 +571,11 @@ func outgoing(ctx context.Context, r *http.Request, addr, host string, hdr http.
 		Body:          body.reader(),
 		Trailer:       r.Trailer,
 	}
+	if body.length < 0 && len(r.Trailer) > 0 {
+		// Said outright, so that net/http's Transport does not probe a
+		// GET's empty body, find nothing and send no trailers.
+		out.TransferEncoding = []string{"chunked"}
+	}
 	if out.Body != nil {
 		out.GetBody = body.getBody
 	}
@@ -781,6 +786,12 @@ func prepareBody(r *http.Request, ab *abortableBody, limit int64) (*reqBody, err
 	if ab == nil {
 		return noReqBody, nil
 	}
+	if len(r.Trailer) > 0 {
+		// Trailers follow the body, so it goes on chunked whatever its
+		// length (an HTTP/2 caller may send both); read to its end, it
+		// fills them in.
+		return prepareChunked(ab, limit)
+	}
 	if r.ContentLength > limit {
 		return &reqBody{stream: ab, length: r.ContentLength}, nil
 	}
@@ -792,17 +803,25 @@ func prepareBody(r *http.Request, ab *abortableBody, limit int64) (*reqBody, err
 		return &reqBody{buf: buf, length: r.ContentLength}, nil
 	}
 	// Unknown length: read up to limit; past it, stream the rest.
+	rb, err := prepareChunked(ab, limit)
+	if err == nil && rb.stream == nil {
+		rb.length = int64(len(rb.buf))
+	}
+	return rb, err
+}
+
+// prepareChunked reads a body of unknown length up to limit; past it, the
+// rest is streamed. Either way its length is left unknown (-1), so that it
+// is sent chunked.
+func prepareChunked(ab *abortableBody, limit int64) (*reqBody, error) {
 	buf, err := io.ReadAll(io.LimitReader(ab, limit+1))
 	if err != nil {
 		return nil, err
 	}
 	if int64(len(buf)) <= limit {
-		if len(r.Trailer) > 0 {
-			// Sent with a length, the body would lose the trailers that
-			// came after it: chunked again, they follow it.
-			return &reqBody{buf: buf, length: -1}, nil
-		}
-		return &reqBody{buf: buf, length: int64(len(buf))}, nil
+		// (ReadAll met the body's end, which is when the trailers that
+		// follow it are filled in.)
+		return &reqBody{buf: buf, length: -1}, nil
 	}
 	return &reqBody{stream: &prefixedBody{io.MultiReader(bytes.NewReader(buf), ab), ab}, length: -1}, nil
 }

@@ -543,11 +543,14 @@ func TestRequestTrailersReachTheInstance(t *testing.T) {
 		fmt.Fprintf(w, "%d %s", n, r.Trailer.Get("X-Checksum"))
 	})
 	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {buffer_body: 1024}}}\n", b.addr()))
-	for _, size := range []int{10, 4096} { // buffered, then streamed
-		// A reader that is not a *strings.Reader: the client then sends
-		// the body chunked, the trailers after it.
+	for _, tc := range []struct {
+		method string
+		size   int
+	}{{"POST", 10}, {"POST", 4096}, {"GET", 0}} { // buffered, streamed, empty
+		size := tc.size
 		body := io.MultiReader(strings.NewReader(strings.Repeat("x", size)))
-		req, _ := http.NewRequest("POST", "http://svc/up", body)
+		req, _ := http.NewRequest(tc.method, "http://svc/up", body)
+		req.TransferEncoding = []string{"chunked"} // even for an empty GET body
 		req.Trailer = http.Header{"X-Checksum": nil}
 		req.Body = &trailerSetter{ReadCloser: io.NopCloser(body), req: req, value: fmt.Sprint("sum-", size)}
 		resp, err := proxyClient(s).Do(req)
@@ -575,4 +578,32 @@ func (t *trailerSetter) Read(p []byte) (int, error) {
 		t.req.Trailer.Set("X-Checksum", t.value)
 	}
 	return n, err
+}
+
+// An HTTP/2 caller may send a length and trailers both; the trailers still
+// reach the instance, which meshd then sends the body to chunked.
+func TestH2CallerTrailersWithALength(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		n, _ := io.Copy(io.Discard, r.Body)
+		fmt.Fprintf(w, "%d %s", n, r.Trailer.Get("X-Checksum"))
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {listen: 127.0.0.1:0, retry: {buffer_body: 1024}}}\n", b.addr()))
+	cp := new(http.Protocols)
+	cp.SetUnencryptedHTTP2(true)
+	client := &http.Client{Transport: &http.Transport{Protocols: cp}}
+	for _, size := range []int{10, 4096} { // buffered, streamed
+		req, _ := http.NewRequest("POST", "http://"+s.Addr("upstream:svc")+"/up", nil)
+		req.ContentLength = int64(size)
+		req.Trailer = http.Header{"X-Checksum": nil}
+		body := strings.NewReader(strings.Repeat("x", size))
+		req.Body = &trailerSetter{ReadCloser: io.NopCloser(body), req: req, value: fmt.Sprint("sum-", size)}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("%d bytes: %v", size, err)
+		}
+		want := fmt.Sprintf("%d sum-%d", size, size)
+		if have := readAll(t, resp); resp.StatusCode != 200 || have != want || resp.ProtoMajor != 2 {
+			t.Errorf("%d bytes: want 200 %q over HTTP/2, have %d %q over %s", size, want, resp.StatusCode, have, resp.Proto)
+		}
+	}
 }

@@ -1293,3 +1293,69 @@ func TestFastPathNoLingerWhenTheRestIsBuffered(t *testing.T) {
 		t.Fatalf("shutdown waited on a connection with nothing left to read: %v", err)
 	}
 }
+
+// A POST on a pooled connection that the instance closes after reading it
+// may have been acted on: it is not sent again, neither by meshd's HTTP/1.1
+// client nor by the retry policy (POST is not in retry.methods). A GET is.
+func TestRZNonIdempotentNotResentAfterAStaleConnection(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var got sync.Map // method -> *atomic.Int64
+	count := func(m string) *atomic.Int64 {
+		v, _ := got.LoadOrStore(m, new(atomic.Int64))
+		return v.(*atomic.Int64)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				// The first request of a connection is answered; the
+				// second is read whole, then the connection closes
+				// unanswered (a crash, a deploy).
+				for n := 0; ; n++ {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					count(req.Method).Add(1)
+					if n > 0 && req.URL.Path != "/warm" {
+						return
+					}
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}(c)
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ln.Addr()))
+	c := rzClient(s, 1)
+	for _, tc := range []struct {
+		method string
+		status int
+		sent   int64
+	}{
+		{"POST", http.StatusBadGateway, 1}, // reached the instance once; not again
+		{"GET", http.StatusOK, 2},          // safe to repeat: sent again, answered
+	} {
+		// Warm a pooled connection, then send on it.
+		if st, _, err := rzDo(context.Background(), c, "GET", "http://svc/warm", "", nil); err != nil || st != 200 {
+			t.Fatalf("warm-up: %d %v", st, err)
+		}
+		before := count(tc.method).Load()
+		st, body, err := rzDo(context.Background(), c, tc.method, "http://svc/do", `{"id":1}`, nil)
+		if err != nil || st != tc.status {
+			t.Errorf("%s: want %d, have %d %q %v", tc.method, tc.status, st, body, err)
+		}
+		if n := count(tc.method).Load() - before; n != tc.sent {
+			t.Errorf("%s: reached the instance %d times, want %d", tc.method, n, tc.sent)
+		}
+	}
+}

@@ -293,7 +293,8 @@ func Supports(req *http.Request) bool {
 // RoundTrip sends req and returns the response; its Body must be read to
 // EOF or closed, which returns the connection to the pool. A request that
 // meets a pooled connection the instance had closed is sent again on a new
-// connection when it can be (no body, or GetBody).
+// connection when it can be: safe to repeat (see replayable), and without
+// a body or with GetBody.
 func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if !Supports(req) {
 		return nil, ErrUnsupported
@@ -306,6 +307,13 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			// A retry after a stale connection dials: the next pooled
 			// one is likely stale too.
 			c = t.get(addr)
+			// A request that may not be sent twice is not sent on a
+			// connection the instance has already closed: once sent,
+			// it could not be sent again.
+			for c != nil && !replayable(req) && !c.alive() {
+				c.close()
+				c = t.get(addr)
+			}
 		}
 		if c == nil {
 			var err error
@@ -323,7 +331,7 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			// as long or longer went the same way.
 			t.dropIdleSince(addr, c.idleAt)
 		}
-		if c.reused && try < 2 && errors.Is(err, errStale) && ctx.Err() == nil {
+		if c.reused && try < 2 && errors.Is(err, errStale) && ctx.Err() == nil && replayable(req) {
 			if req.Body == nil || req.Body == http.NoBody {
 				continue
 			}
@@ -340,6 +348,23 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 		closeBody(req)
 		return nil, err
 	}
+}
+
+// replayable reports whether req may be sent again after a connection
+// closed before its answer. The instance may have read and acted on it
+// first, so only a request that is safe to repeat qualifies: GET, HEAD,
+// OPTIONS and TRACE, or one that carries an idempotency key (the rule
+// net/http's Transport follows).
+func replayable(req *http.Request) bool {
+	switch req.Method {
+	case "", http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	_, ok := req.Header["Idempotency-Key"]
+	if !ok {
+		_, ok = req.Header["X-Idempotency-Key"]
+	}
+	return ok
 }
 
 // closeBody closes a request's body on an error, as http.RoundTripper asks,

@@ -149,8 +149,9 @@ func TestConnectionCloseIsHonoured(t *testing.T) {
 	}
 }
 
-// A pooled connection the instance closed is detected and the request sent
-// again on a new one, for bodiless and replayable requests alike.
+// A pooled connection the instance closed is detected and a request safe
+// to repeat sent again on a new one. A request that is not safe to repeat
+// is not sent on a pooled connection the instance has closed.
 func TestStalePooledConnectionIsRetried(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -158,6 +159,7 @@ func TestStalePooledConnectionIsRetried(t *testing.T) {
 	}
 	defer ln.Close()
 	var accepted atomic.Int64
+	closed := make(chan struct{}, 8)
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -166,7 +168,7 @@ func TestStalePooledConnectionIsRetried(t *testing.T) {
 			}
 			accepted.Add(1)
 			go func(c net.Conn) {
-				defer c.Close()
+				defer func() { c.Close(); closed <- struct{}{} }()
 				br := bufio.NewReader(c)
 				req, err := http.ReadRequest(br)
 				if err != nil {
@@ -188,6 +190,10 @@ func TestStalePooledConnectionIsRetried(t *testing.T) {
 	if _, body := get(t, tr, url); body != "ok" {
 		t.Fatalf("second: %q", body)
 	}
+	// Both connections so far are closed; the POST finds the pooled one
+	// closed before sending and dials.
+	<-closed
+	<-closed
 	req, _ := http.NewRequest("POST", url, strings.NewReader("data"))
 	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader("data")), nil }
 	resp, err := tr.RoundTrip(req)

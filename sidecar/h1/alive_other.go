@@ -1,0 +1,6 @@
+//go:build !unix
+
+package h1
+
+// alive cannot look at the socket here; the resend rule still holds.
+func (c *conn) alive() bool { return c.br.Buffered() == 0 }

@@ -271,9 +271,10 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		now := time.Now()
 		ep.ObserveLatencyAt(now.Sub(t0), now.UnixNano(), balance.DecayOf(snap.Policy))
 		o := g.Classify(ex.callerCtx(), nil, resp.StatusCode)
-		if o.Failure() && resp.StatusCode != http.StatusSwitchingProtocols {
-			// A failing status: retry it if the policy allows, on a body
-			// the client has not seen.
+		if (o.Failure() || resp.StatusCode >= 400) && resp.StatusCode != http.StatusSwitchingProtocols {
+			// A failing status, or one retry.on names (a 429, a 500 that
+			// is no breaker failure): retry it if the policy allows, on a
+			// body the client has not seen.
 			if retry, cause := g.RetryDecision(r.Method, ex.tries, o, body.replayable()); retry && ctx.Err() == nil {
 				drain(resp.Body)
 				ex.endTry(ep, done, o, aspan, resp.StatusCode, t0, cancelTry)

@@ -1359,3 +1359,31 @@ func TestRZNonIdempotentNotResentAfterAStaleConnection(t *testing.T) {
 		}
 	}
 }
+
+// retry.on decides which statuses are retried, whether or not the breaker
+// counts them (failure.statuses): a 500 or a 429 listed there is retried
+// on the other instance.
+func TestRZRetryOnStatusesTheBreakerIgnores(t *testing.T) {
+	for _, tc := range []struct {
+		on   string
+		code int
+	}{{"5xx", 500}, {`"429"`, 429}} {
+		t.Run(tc.on, func(t *testing.T) {
+			bad := newBackend(t, "bad", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "no", tc.code) })
+			good := newBackend(t, "good", nil)
+			s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s, %s]}}\nupstreams: {svc: {balance: {algorithm: round_robin}, retry: {on: [connect-failure, %s]}}}\n", bad.addr(), good.addr(), tc.on))
+			c := rzClient(s, 1)
+			for i := 0; i < 4; i++ {
+				if st, body, err := rzDo(context.Background(), c, "GET", "http://svc/", "", nil); err != nil || st != 200 || body != "good" {
+					t.Errorf("GET %d: want 200 from good, have %d %q %v", i, st, body, err)
+				}
+			}
+			if bad.hits.Load() == 0 {
+				t.Error("round robin never reached the bad instance: nothing was tested")
+			}
+			if st := rzInstance(t, s, "svc", bad.addr()).Breaker; st != "closed" {
+				t.Errorf("the bad instance's breaker: want closed (%d is not in failure.statuses), have %s", tc.code, st)
+			}
+		})
+	}
+}

@@ -138,14 +138,27 @@ func (s *Sidecar) registration(cfg *config.Config) (consul.Registration, error) 
 	return reg, nil
 }
 
+// deregisterMax bounds deregistration at shutdown: an agent that hangs
+// must not use up the drain, with the listeners still accepting and
+// everything in flight cut at its end. Within it, deregistration gets at
+// most a quarter of what is left of the drain.
+var deregisterMax = 2 * time.Second
+
 // deregister removes the app from Consul before draining, so that peers stop
 // sending new requests while in-flight ones finish.
 func (s *Sidecar) deregister(ctx context.Context) {
 	if s.registrar == nil {
 		return
 	}
-	if err := s.registrar.Deregister(ctx); err != nil {
-		s.log.Warn("deregistering the app from consul", "id", s.registrar.ID(), "err", err)
+	limit := deregisterMax
+	if dl, ok := ctx.Deadline(); ok {
+		limit = min(limit, time.Until(dl)/4)
+	}
+	dctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	if err := s.registrar.Deregister(dctx); err != nil {
+		s.log.Warn("deregistering the app from consul failed; draining anyway (Consul drops the registration once its check fails)",
+			"id", s.registrar.ID(), "err", err, "waited", limit)
 		return
 	}
 	s.log.Info("deregistered the app from consul", "id", s.registrar.ID())

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -510,4 +511,65 @@ upstreams: {payments: {discovery: consul}}
 		}
 		return false
 	})
+}
+
+// An agent that hangs (here stopped) does not hold up a graceful shutdown:
+// deregistration gets a bounded share of the drain, and the request in
+// flight still completes within it.
+func TestShutdownWithAHungAgentStillDrains(t *testing.T) {
+	consulEnvClear(t)
+	c := testenv.StartConsul(t)
+	cl := c.Client(t)
+	arrived, release := make(chan struct{}), make(chan struct{})
+	app := newBackend(t, "app", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(arrived)
+			<-release
+		}
+		io.WriteString(w, "app")
+	})
+	_, port, _ := net.SplitHostPort(app.addr())
+	s := start(t, fmt.Sprintf(`
+listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0, inbound: 127.0.0.1:0}
+service: {name: orders, port: %s, register: true}
+discovery: {consul: {address: %s}}
+`, port, c.Addr()))
+	waitFor(t, "orders registered", func() bool {
+		svcs, err := cl.Agent().Services()
+		return err == nil && len(svcs) == 1
+	})
+	inbound := s.Addr("inbound") // (Addr waits while Shutdown runs)
+	slow := make(chan string, 1)
+	go func() { slow <- get(t, "http://"+inbound+"/slow") }()
+	<-arrived
+	if err := syscall.Kill(c.Pid(), syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(c.Pid(), syscall.SIGCONT) })
+	waitFor(t, "the agent to be stopped", func() bool {
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", c.Pid()))
+		// The state follows the command name in parentheses.
+		i := strings.LastIndexByte(string(st), ')')
+		return err == nil && i > 0 && i+2 < len(st) && st[i+2] == 'T'
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- s.Shutdown(ctx) }()
+	// Deregistration hangs for its share (1s of 4s); then the drain waits
+	// for the request in flight, which is let go.
+	waitFor(t, "the listeners to close", func() bool {
+		conn, err := net.Dial("tcp", inbound)
+		if err == nil {
+			conn.Close()
+		}
+		return err != nil
+	})
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatalf("shutdown with a hung agent: %v (want a complete drain)", err)
+	}
+	if body := <-slow; body != "app" {
+		t.Fatalf("the request in flight: %q", body)
+	}
 }

@@ -93,13 +93,15 @@ func (s *Sidecar) startConsul(cfg *config.Config) error {
 
 // registration describes the local app for Consul: at the inbound listener
 // when there is one (the address Consul peers should call), else the app's
-// own; the default health check is a TCP connect to the app.
+// own; the default health check is a TCP connect to the app, and a
+// registration at the inbound listener also has that listener checked.
 func (s *Sidecar) registration(cfg *config.Config) (consul.Registration, error) {
 	sv := cfg.Service
 	addr := sv.RegisterAddress
+	listener := ""
 	if addr == "" {
 		if in := s.addrOf("inbound"); in != "" {
-			addr = in
+			addr, listener = in, in
 		} else {
 			addr = net.JoinHostPort(sv.Address, strconv.Itoa(sv.Port))
 		}
@@ -128,6 +130,19 @@ func (s *Sidecar) registration(cfg *config.Config) (consul.Registration, error) 
 	}
 	if reg.Check.HTTP == "" && reg.Check.TCP == "" {
 		reg.Check.TCP = checkAddr
+	}
+	if listener != "" {
+		// Peers dial meshd's inbound listener: if meshd dies while the app
+		// lives, the app's check still passes, so the listener is checked
+		// too (from the local agent; an unspecified host means this one).
+		lh, lp, _ := net.SplitHostPort(listener)
+		if ip := net.ParseIP(lh); ip != nil && ip.IsUnspecified() {
+			lh = "127.0.0.1"
+			if ip.To4() == nil {
+				lh = "::1"
+			}
+		}
+		reg.ListenerTCP = net.JoinHostPort(lh, lp)
 	}
 	if reg.DeregisterCriticalServiceAfter == 0 {
 		reg.DeregisterCriticalServiceAfter = time.Minute

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -572,4 +574,47 @@ discovery: {consul: {address: %s}}
 	if body := <-slow; body != "app" {
 		t.Fatalf("the request in flight: %q", body)
 	}
+}
+
+// Registered at its inbound listener, the app is also checked there: if
+// meshd dies while the app lives (here: its listener closes without a
+// deregistration), the instance goes critical instead of sending peers to
+// a dead port for good.
+func TestRegistrationChecksTheInboundListener(t *testing.T) {
+	consulEnvClear(t)
+	c := testenv.StartConsul(t)
+	cl := c.Client(t)
+	app := newBackend(t, "app", nil)
+	_, port, _ := net.SplitHostPort(app.addr())
+	s := start(t, fmt.Sprintf(`
+listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0, inbound: 127.0.0.1:0}
+service: {name: orders, port: %s, register: true, check: {interval: 1s}}
+discovery: {consul: {address: %s}}
+`, port, c.Addr()))
+	inbound := s.Addr("inbound")
+	waitFor(t, "orders passing", func() bool {
+		entries, _, err := cl.Health().Service("orders", "", true, nil)
+		return err == nil && len(entries) == 1
+	})
+	checks, err := cl.Agent().Checks()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var targets []string
+	for _, ch := range checks {
+		if ch.ServiceName == "orders" {
+			targets = append(targets, ch.Name)
+		}
+	}
+	sort.Strings(targets)
+	if want := []string{"TCP 127.0.0.1:" + port, "listener " + inbound}; !slices.Equal(targets, want) {
+		t.Fatalf("checks: want %q, have %q", want, targets)
+	}
+	s.mu.Lock()
+	s.listeners["inbound"].ln.Close()
+	s.mu.Unlock()
+	waitFor(t, "orders critical once the listener is gone", func() bool {
+		entries, _, err := cl.Health().Service("orders", "", true, nil)
+		return err == nil && len(entries) == 0
+	})
 }

@@ -60,6 +60,12 @@ type Registration struct {
 	Meta    map[string]string
 	Weights Weights
 	Check   Check
+	// ListenerTCP, when set, adds a TCP check on this host:port, with
+	// Check's interval and timeout: meant for the sidecar's own listener
+	// that peers dial, so that the instance goes critical when the
+	// sidecar dies while the app lives (Check alone probes the app).
+	// Needs a Check.
+	ListenerTCP string
 	// DeregisterCriticalServiceAfter lets Consul remove the service once its
 	// check has been critical this long; zero never does. Needs a Check.
 	DeregisterCriticalServiceAfter time.Duration
@@ -158,7 +164,22 @@ func (reg Registration) agentRegistration() (*api.AgentServiceRegistration, erro
 		}
 		chk.DeregisterCriticalServiceAfter = reg.DeregisterCriticalServiceAfter.String()
 	}
-	ar.Check = chk
+	if reg.ListenerTCP == "" {
+		ar.Check = chk
+		return ar, nil
+	}
+	if chk == nil {
+		return nil, errors.New("a listener check needs a check of the service")
+	}
+	lc := reg.Check
+	lc.HTTP, lc.TCP = "", reg.ListenerTCP
+	lchk, err := lc.agentCheck()
+	if err != nil {
+		return nil, fmt.Errorf("listener check: %w", err)
+	}
+	lchk.Name = "listener " + reg.ListenerTCP
+	lchk.DeregisterCriticalServiceAfter = chk.DeregisterCriticalServiceAfter
+	ar.Checks = api.AgentServiceChecks{chk, lchk}
 	return ar, nil
 }
 

@@ -163,6 +163,8 @@ func TestRegistrationValidation(t *testing.T) {
 		{"bad check TCP", func(r *Registration) { r.Check.TCP = "127.0.0.1" }},
 		{"interval without target", func(r *Registration) { r.Check.Interval = time.Second }},
 		{"deregister without check", func(r *Registration) { r.DeregisterCriticalServiceAfter = time.Minute }},
+		{"listener check without check", func(r *Registration) { r.ListenerTCP = "127.0.0.1:15006" }},
+		{"bad listener check", func(r *Registration) { r.Check.TCP, r.ListenerTCP = "127.0.0.1:8080", "127.0.0.1" }},
 	} {
 		reg := good
 		tc.edit(&reg)
@@ -179,6 +181,15 @@ func TestRegistrationValidation(t *testing.T) {
 	if ar.ID != "orders-10.0.0.7-8080" || ar.Weights != nil || ar.Check.TCP != "10.0.0.7:8080" ||
 		ar.Check.Interval != "1s" || ar.Check.Timeout != "1s" {
 		t.Errorf("defaults: want id orders-10.0.0.7-8080, no weights, tcp check every 1s with 1s timeout, have %+v %+v", ar, ar.Check)
+	}
+	ar, err = Registration{Name: "orders", Port: 15006, DeregisterCriticalServiceAfter: time.Minute,
+		Check: Check{TCP: "127.0.0.1:8080", Interval: 2 * time.Second}, ListenerTCP: "127.0.0.1:15006"}.agentRegistration()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ar.Check != nil || len(ar.Checks) != 2 || ar.Checks[0].TCP != "127.0.0.1:8080" || ar.Checks[1].TCP != "127.0.0.1:15006" ||
+		ar.Checks[1].Interval != "2s" || ar.Checks[1].DeregisterCriticalServiceAfter != "1m0s" {
+		t.Errorf("with a listener check: want the service's and the listener's TCP checks alike, have %+v", ar.Checks)
 	}
 	if _, err := NewRegistrar(Config{Address: "127.0.0.1:1"}, good); err != nil {
 		t.Errorf("valid registration: want no error, have %v", err)

@@ -179,7 +179,8 @@ func (s *Sidecar) deregister(ctx context.Context) {
 	s.log.Info("deregistered the app from consul", "id", s.registrar.ID())
 }
 
-// checkConsulReload refuses reloads that change the Consul client itself.
+// checkConsulReload refuses reloads that change the Consul client itself,
+// or, while the app is registered, what its registration was built from.
 func (s *Sidecar) checkConsulReload(cfg *config.Config) error {
 	var next config.Consul
 	if cfg.Discovery.Consul != nil {
@@ -190,6 +191,18 @@ func (s *Sidecar) checkConsulReload(cfg *config.Config) error {
 	}
 	if cfg.Service.Register != (s.registrar != nil) {
 		return fmt.Errorf("service.register changed: restart meshd to apply it")
+	}
+	if s.registrar != nil {
+		// What Consul holds was built from these; applied without
+		// registering again, it would go stale (a moved inbound port
+		// left advertised, say).
+		cur := s.cfg.Load()
+		if !reflect.DeepEqual(cfg.Service, cur.Service) {
+			return fmt.Errorf("service changed while registered in Consul: restart meshd to apply it")
+		}
+		if cfg.Listen.Inbound != cur.Listen.Inbound {
+			return fmt.Errorf("listen.inbound changed while the app is registered in Consul: restart meshd to apply it")
+		}
 	}
 	return nil
 }

@@ -618,3 +618,38 @@ discovery: {consul: {address: %s}}
 		return err == nil && len(entries) == 0
 	})
 }
+
+// While the app is registered, a reload that would change its registration
+// is refused with the reason, rather than accepted and left unapplied in
+// Consul; the same config reloads fine.
+func TestReloadRefusesRegistrationChanges(t *testing.T) {
+	consulEnvClear(t)
+	c := testenv.StartConsul(t)
+	app := newBackend(t, "app", nil)
+	_, port, _ := net.SplitHostPort(app.addr())
+	conf := func(tags, inbound string) string {
+		return fmt.Sprintf(`
+listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0, inbound: %s}
+service: {name: orders, port: %s, register: true, tags: [%s]}
+discovery: {consul: {address: %s}}
+`, inbound, port, tags, c.Addr())
+	}
+	s := start(t, conf("v1", "127.0.0.1:0"))
+	for _, tc := range []struct{ yaml, want string }{
+		{conf("v1", "127.0.0.1:0"), ""},
+		{conf("v2", "127.0.0.1:0"), "service changed while registered in Consul"},
+		{conf("v1", "127.0.0.1:1"), "listen.inbound changed while the app is registered"},
+	} {
+		cfg, err := parseConfig(tc.yaml)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = s.Reload(cfg)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("an unchanged registration: want the reload, have %v", err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("want the reload refused with %q, have %v", tc.want, err)
+		}
+	}
+}

@@ -351,6 +351,29 @@ func Names() []string {
 // New builds the policy cfg names. Errors are *FieldError. Safe for
 // concurrent use.
 func New(cfg Config) (Policy, error) {
+	p, err := build(cfg)
+	if err != nil {
+		return nil, err
+	}
+	name := p.Name()
+	// A setting the algorithm would ignore is a mistake to report, not to
+	// pass over: a slow_start that ramps nothing leaves new instances
+	// unprotected, a key on round_robin hashes nothing.
+	if cfg.Key != "" && name != "hash" {
+		return nil, &FieldError{Field: "key", Err: fmt.Errorf("only hash uses a key, not %s", name)}
+	}
+	if cfg.Fallback != "" && name != "hash" && name != "ip_hash" {
+		return nil, &FieldError{Field: "fallback", Err: fmt.Errorf("only hash and ip_hash use a fallback, not %s", name)}
+	}
+	if cfg.SlowStart > 0 && slowStartOf(p) == 0 {
+		return nil, &FieldError{Field: "slow_start", Err: fmt.Errorf("%s does not use weights, so there is nothing to ramp up; slow_start needs a weighted algorithm (%s)", name, strings.Join(weightedNames(), ", "))}
+	}
+	return p, nil
+}
+
+// build is New without the check for settings the algorithm ignores (hash
+// passes its own to its fallback, which may not use them all).
+func build(cfg Config) (Policy, error) {
 	name := cfg.Algorithm
 	if name == "" {
 		name = DefaultAlgorithm
@@ -368,6 +391,34 @@ func New(cfg Config) (Policy, error) {
 		return nil, &FieldError{Field: "algorithm", Err: fmt.Errorf("unknown algorithm %q (known: %s)", name, strings.Join(Names(), ", "))}
 	}
 	return b(cfg)
+}
+
+// weightedNames lists the algorithms whose picks follow weights (and so
+// slow_start).
+func weightedNames() []string {
+	var out []string
+	for _, n := range Names() {
+		if p, err := build(Config{Algorithm: n, Key: keyFor(n), SlowStart: time.Second}); err == nil && slowStartOf(p) > 0 {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// slowStartOf is p's slow-start window, 0 when it has none.
+func slowStartOf(p Policy) time.Duration {
+	if tp, ok := p.(interface{ SlowStart() time.Duration }); ok {
+		return tp.SlowStart()
+	}
+	return 0
+}
+
+// keyFor is a valid key for algorithms that need one.
+func keyFor(name string) string {
+	if name == "hash" {
+		return "path"
+	}
+	return ""
 }
 
 // emptyPicker serves a pool with no instances.

@@ -2,6 +2,7 @@ package balance
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 )
@@ -30,6 +31,12 @@ func TestConfigErrors(t *testing.T) {
 		{Config{Algorithm: "least_response_time", Decay: -time.Second}, "decay"},
 		{Config{Algorithm: "weighted_round_robin", SlowStart: -time.Second}, "slow_start"},
 		{Config{Algorithm: "hash", Key: "path", SlowStart: -1}, "slow_start"},
+		// Settings the algorithm would ignore.
+		{Config{Algorithm: "p2c", SlowStart: 30 * time.Second}, "slow_start"},
+		{Config{SlowStart: 30 * time.Second}, "slow_start"},
+		{Config{Algorithm: "round_robin", Key: "path"}, "key"},
+		{Config{Algorithm: "ip_hash", Key: "path"}, "key"},
+		{Config{Algorithm: "least_connections", Fallback: "random"}, "fallback"},
 	}
 	for _, c := range cases {
 		p, err := New(c.cfg)
@@ -48,8 +55,15 @@ func TestConfigErrors(t *testing.T) {
 }
 
 func TestConfigValid(t *testing.T) {
+	weighted := weightedNames()
+	if want := []string{"hash", "ip_hash", "least_response_time", "weighted_least_connections", "weighted_random", "weighted_round_robin"}; !slices.Equal(weighted, want) {
+		t.Errorf("algorithms that take slow_start: want %v, have %v", want, weighted)
+	}
 	for _, cfg := range algorithmCases {
-		cfg.Decay, cfg.SlowStart = 5*time.Second, 30*time.Second
+		cfg.Decay = 5 * time.Second
+		if slices.Contains(weighted, cfg.Algorithm) {
+			cfg.SlowStart = 30 * time.Second
+		}
 		p, err := New(cfg)
 		if err != nil {
 			t.Errorf("%+v: want no error, have %v", cfg, err)
@@ -70,7 +84,7 @@ func TestConfigValid(t *testing.T) {
 	}
 	// Slow start is reported only by algorithms that use weights.
 	for name, want := range map[string]time.Duration{"p2c": 0, "round_robin": 0, "weighted_random": time.Minute, "least_response_time": time.Minute} {
-		tp := mustPolicy(t, Config{Algorithm: name, SlowStart: time.Minute}).(TimedPolicy)
+		tp := builtPolicy(t, Config{Algorithm: name, SlowStart: time.Minute}).(TimedPolicy)
 		if tp.SlowStart() != want {
 			t.Errorf("%s SlowStart: want %v, have %v", name, want, tp.SlowStart())
 		}

@@ -14,8 +14,10 @@
 //	balance: {algorithm: hash, key: "header:x-user", fallback: p2c}
 //	balance: {algorithm: weighted_round_robin, slow_start: 30s}
 //
-// Settings an algorithm does not use are ignored by it. decay and slow_start
-// must not be negative.
+// A setting the chosen algorithm does not use is an error, not ignored: key
+// belongs to hash, fallback to hash and ip_hash, slow_start to algorithms
+// that use weights (for hash, its own table or its fallback). decay and
+// slow_start must not be negative.
 //
 // Every algorithm skips instances it may not use for the request: those
 // already tried by an earlier attempt, and those whose circuit breaker is

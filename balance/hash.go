@@ -265,7 +265,7 @@ func newHashPolicy(name string, cfg Config) (Policy, error) {
 	if fbName == "hash" || fbName == "ip_hash" {
 		return nil, &FieldError{Field: "fallback", Err: fmt.Errorf("%q cannot be the fallback: it needs a key as well", fbName)}
 	}
-	fb, err := New(Config{Algorithm: fbName, Decay: cfg.Decay, SlowStart: cfg.SlowStart})
+	fb, err := build(Config{Algorithm: fbName, Decay: cfg.Decay, SlowStart: cfg.SlowStart})
 	if err != nil {
 		var fe *FieldError
 		if errors.As(err, &fe) {

@@ -46,6 +46,17 @@ func mustPolicy(t testing.TB, cfg Config) Policy {
 	return p
 }
 
+// builtPolicy is mustPolicy without New's refusal of settings the
+// algorithm ignores, for tests of how the ignoring works.
+func builtPolicy(t testing.TB, cfg Config) Policy {
+	t.Helper()
+	p, err := build(cfg)
+	if err != nil {
+		t.Fatalf("build(%+v): want no error, have %v", cfg, err)
+	}
+	return p
+}
+
 // picker builds a picker for eps at t0.
 func picker(t testing.TB, cfg Config, eps []*Endpoint) Picker {
 	t.Helper()

@@ -84,7 +84,7 @@ func TestPoolConcurrentPickDuringUpdate(t *testing.T) {
 	for _, cfg := range algorithmCases {
 		t.Run(cfg.Algorithm, func(t *testing.T) {
 			cfg.SlowStart = time.Minute
-			p := NewPool(mustPolicy(t, cfg))
+			p := NewPool(builtPolicy(t, cfg))
 			sets := [][]discovery.Instance{
 				{inst("a", 1), inst("b", 2), inst("c", 3)},
 				{inst("b", 2), inst("d", 1)},
@@ -132,7 +132,7 @@ func TestPoolConcurrentPickDuringUpdate(t *testing.T) {
 			for i := range 60 {
 				p.Update(sets[i%len(sets)], "")
 				if i%20 == 0 {
-					p.SetPolicy(mustPolicy(t, cfg))
+					p.SetPolicy(builtPolicy(t, cfg))
 				}
 				p.Tick()
 				// Let picks run against every snapshot before replacing it.
@@ -247,7 +247,7 @@ func TestPoolSlowStart(t *testing.T) {
 }
 
 func TestPoolTickWithoutSlowStart(t *testing.T) {
-	p := NewPool(mustPolicy(t, Config{Algorithm: "p2c", SlowStart: time.Minute}))
+	p := NewPool(builtPolicy(t, Config{Algorithm: "p2c", SlowStart: time.Minute}))
 	p.Update([]discovery.Instance{inst("a", 1)}, "")
 	v := p.Load().Version
 	p.Tick()

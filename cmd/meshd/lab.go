@@ -239,7 +239,11 @@ func labParse(args []string, stdout, stderr io.Writer) (labOptions, int, bool) {
 		return bad("-timeout: want a positive duration, have %v", opt.timeout)
 	}
 	for _, a := range labSplit(*algs) {
-		if _, err := balance.New(balance.Config{Algorithm: a, Key: "header:" + labKeyHeader}); err != nil {
+		bc := balance.Config{Algorithm: a}
+		if a == "hash" {
+			bc.Key = "header:" + labKeyHeader
+		}
+		if _, err := balance.New(bc); err != nil {
 			return bad("-algorithms: %v", err)
 		}
 		if slices.Contains(opt.algorithms, a) {
@@ -363,7 +367,11 @@ func labConfig(opt labOptions, alg string, bs []*labBackend) (*config.Config, er
 	for _, b := range bs {
 		fmt.Fprintf(&y, "      - {id: %s, address: %q, weight: %d}\n", b.spec.name, b.addr, b.spec.weight)
 	}
-	fmt.Fprintf(&y, "upstreams:\n  %s:\n    balance: {algorithm: %s, key: %q}\n", labUpstream, alg, "header:"+labKeyHeader)
+	if alg == "hash" {
+		fmt.Fprintf(&y, "upstreams:\n  %s:\n    balance: {algorithm: %s, key: %q}\n", labUpstream, alg, "header:"+labKeyHeader)
+	} else {
+		fmt.Fprintf(&y, "upstreams:\n  %s:\n    balance: {algorithm: %s}\n", labUpstream, alg)
+	}
 	if !opt.resilience {
 		y.WriteString("    retry: {disabled: true}\n    breaker: {disabled: true}\n")
 	}

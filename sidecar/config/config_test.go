@@ -86,6 +86,7 @@ func TestEveryValidationError(t *testing.T) {
 		{"negative duration", base + "proxy: {drain: -1s}\n", "proxy.drain", "negative", 4},
 		{"duration not scalar", base + "proxy: {drain: [1s]}\n", "proxy.drain", "want a duration", 4},
 		{"unknown algorithm", base + "upstreams:\n  payments:\n    balance: {algorithm: fastest}\n", "upstreams.payments.balance.algorithm", "unknown algorithm", 6},
+		{"slow_start unused", base + "upstreams:\n  payments:\n    balance: {slow_start: 30s}\n", "upstreams.payments.balance.slow_start", "p2c does not use weights", 6},
 		{"bad listen address", base + "listen: {outbound: localhost}\n", "listen.outbound", "host:port", 4},
 		{"listen port out of range", base + "listen: {admin: 127.0.0.1:70000}\n", "listen.admin", "bad port", 4},
 		{"listen clash", base + "listen: {outbound: 127.0.0.1:5000, admin: 127.0.0.1:5000}\n", "", "already used", 0},

@@ -179,9 +179,13 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			ep, err = snap.Picker.Pick(&preq)
 		}
 		if err != nil {
+			if ex.held != nil {
+				ex.passHeld("found no other instance to try")
+				return
+			}
 			msg := "no available instance of " + quote(u.name) + ": " + err.Error()
 			if errors.Is(err, balance.ErrNoneAvailable) {
-				msg += " (every circuit breaker is open)"
+				msg += " (" + unavailableWhy(snap.Endpoints, preq.Tried()) + ")"
 			}
 			if lastErr != nil {
 				msg += "; last error: " + lastErr.Error()
@@ -196,6 +200,10 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		} else if done, err = g.Admit(ep.Stats); err != nil {
 			telemetry.BreakerRejected(span, ep.ID, ep.Breaker().String())
 			if rejected++; rejected > len(snap.Endpoints) {
+				if ex.held != nil {
+					ex.passHeld("found no other instance to try")
+					return
+				}
 				ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, "no available instance of "+quote(u.name)+": "+err.Error())
 				return
 			}
@@ -275,14 +283,19 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			// A failing status, or one retry.on names (a 429, a 500 that
 			// is no breaker failure): retry it if the policy allows, on a
 			// body the client has not seen.
-			if retry, cause := g.RetryDecision(r.Method, ex.tries, o, body.replayable()); retry && ctx.Err() == nil {
-				drain(resp.Body)
+			wait, fits := ex.backoff(g)
+			if !fits {
+				// The pause before a retry would outlast the budget:
+				// the instance's answer goes out now.
+			} else if retry, cause := g.RetryDecision(r.Method, ex.tries, o, body.replayable()); retry && ctx.Err() == nil {
+				// Kept, not thrown away: if the retry finds nowhere to
+				// go, this real answer beats one of meshd's making.
+				ex.hold(resp)
 				ex.endTry(ep, done, o, aspan, resp.StatusCode, t0, cancelTry)
 				lastErr = fmt.Errorf("%s: answered %d", ep.Address, resp.StatusCode)
-				if ex.retryDecided(span, g, cause) {
+				if ex.retryDecided(span, g, cause, wait) {
 					continue
 				}
-				// The backoff outlived the budget.
 				ex.failCtx(lastErr)
 				return
 			}
@@ -337,6 +350,7 @@ type exchange struct {
 	errMsg   string
 	ab       *abortableBody    // the request body, if any
 	snap     *balance.Snapshot // the instances when the request began
+	held     *heldAnswer       // the last failing answer a retry replaced
 	silent   bool              // the caller left: abort instead of answering
 }
 
@@ -403,18 +417,31 @@ func (ex *exchange) retry(span trace.Span, g *resilience.Guard, o resilience.Out
 	if ex.ctx.Err() != nil {
 		return false
 	}
+	wait, fits := ex.backoff(g)
+	if !fits {
+		return false
+	}
 	ok, cause := g.RetryDecision(ex.r.Method, ex.tries, o, replayable)
 	if !ok {
 		return false
 	}
-	return ex.retryDecided(span, g, cause)
+	return ex.retryDecided(span, g, cause, wait)
+}
+
+// backoff draws the pause before the next retry, and says whether a retry
+// after it would still have some of the request's budget: one that cannot
+// is not made (nor taken from the retry budget), and the failure is
+// answered at once instead of after waiting out the budget.
+func (ex *exchange) backoff(g *resilience.Guard) (time.Duration, bool) {
+	wait := g.Backoff(ex.tries)
+	_, bounded := ex.ctx.Deadline()
+	return wait, !bounded || wait < remaining(ex.ctx)
 }
 
 // retryDecided records a retry the policy granted, labelled with the
-// policy's cause (a retry.on condition), and sleeps its backoff; false when
-// the request's budget ends first.
-func (ex *exchange) retryDecided(span trace.Span, g *resilience.Guard, cause string) bool {
-	wait := g.Backoff(ex.tries)
+// policy's cause (a retry.on condition), and sleeps its backoff wait; false
+// when the request's budget ends first.
+func (ex *exchange) retryDecided(span trace.Span, g *resilience.Guard, cause string, wait time.Duration) bool {
 	telemetry.Retrying(span, ex.tries+1, cause, wait)
 	metricsOf(ex.s.tel).Retry(ex.u.name, cause)
 	if wait <= 0 {
@@ -533,11 +560,72 @@ func (ex *exchange) failCtx(lastErr error) {
 		ex.callerWentAway()
 		return
 	}
+	if ex.held != nil {
+		ex.passHeld("ran out of time")
+		return
+	}
 	msg := "upstream " + quote(ex.u.name) + ": request timed out"
 	if lastErr != nil {
 		msg += "; last error: " + lastErr.Error()
 	}
 	ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, msg)
+}
+
+// heldAnswer is an instance's failing answer kept while meshd retries, to
+// be passed on if the retry finds nowhere to go.
+type heldAnswer struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+// maxHeld bounds the body of a held answer; a longer one is dropped, as
+// before, and a failed retry is then answered by meshd.
+const maxHeld = 64 << 10
+
+// hold keeps resp (its body read, up to maxHeld) as the answer to pass on
+// if the retry fails for want of an instance or of time, and closes it.
+func (ex *exchange) hold(resp *http.Response) {
+	defer resp.Body.Close()
+	ex.held = nil
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxHeld+1))
+	if err != nil || len(body) > maxHeld {
+		return
+	}
+	ex.held = &heldAnswer{status: resp.StatusCode, header: resp.Header, body: body}
+}
+
+// passHeld answers with the held answer; why says what the retry met.
+func (ex *exchange) passHeld(why string) {
+	h := ex.held
+	dst := ex.w.Header()
+	copyEndToEnd(dst, h.header)
+	dst["Content-Length"] = []string{strconv.Itoa(len(h.body))}
+	ex.w.WriteHeader(h.status)
+	n, _ := ex.w.Write(h.body)
+	ex.status, ex.bytes = h.status, int64(n)
+	if h.status >= 500 {
+		ex.errType = strconv.Itoa(h.status)
+	}
+	ex.errMsg = "the retry " + why + "; the instance's answer was passed on"
+}
+
+// unavailableWhy says why no instance could be picked: open breakers,
+// instances this request already tried, or both.
+func unavailableWhy(eps []*balance.Endpoint, tried int) string {
+	open := 0
+	for _, e := range eps {
+		if e.Breaker() == balance.BreakerOpen {
+			open++
+		}
+	}
+	switch {
+	case open >= len(eps):
+		return "every circuit breaker is open"
+	case tried == 0:
+		return fmt.Sprintf("%d of %d circuit breakers open", open, len(eps))
+	}
+	return fmt.Sprintf("%d of %d circuit breakers open, %d instance(s) tried already", open, len(eps), tried)
 }
 
 // remaining is the time left before ctx's deadline, 0 when it has none.

@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/meshd/meshd/balance"
 )
 
 // These tests drive the real sidecar against real loopback backends that
@@ -1385,5 +1387,99 @@ func TestRZRetryOnStatusesTheBreakerIgnores(t *testing.T) {
 				t.Errorf("the bad instance's breaker: want closed (%d is not in failure.statuses), have %s", tc.code, st)
 			}
 		})
+	}
+}
+
+// A retry that finds no other instance passes on the answer it was
+// retrying, instead of meshd's own 503 claiming every breaker is open; and
+// when the retry had no answer to pass on, meshd's 503 says what it met.
+func TestRZRetryWithNowhereToGo(t *testing.T) {
+	dead := rzClosedAddr(t)
+	var failing atomic.Bool
+	sick := newBackend(t, "sick", func(w http.ResponseWriter, r *http.Request) {
+		if !failing.Load() {
+			io.WriteString(w, "fine")
+			return
+		}
+		w.Header().Set("Retry-After", "7")
+		http.Error(w, "maintenance until noon", http.StatusServiceUnavailable)
+	})
+	s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s, %s]}}
+upstreams: {svc: {balance: {algorithm: round_robin}, breaker: {consecutive_failures: 2, open_for: 1m}, retry: {backoff_base: 1ms, backoff_max: 1ms}}}
+`, dead, sick.addr()))
+	c := rzClient(s, 1)
+	rzEventually(t, 5*time.Second, "the dead instance ejected", func() bool {
+		rzDo(context.Background(), c, "GET", "http://svc/", "", nil)
+		return rzInstance(t, s, "svc", dead).Breaker == "open"
+	})
+	failing.Store(true)
+	resp, err := c.Get("http://svc/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := readAll(t, resp)
+	if resp.StatusCode != 503 || resp.Header.Get("Retry-After") != "7" || !strings.Contains(body, "maintenance until noon") {
+		t.Errorf("want the instance's own 503 with Retry-After 7, have %d %q %q", resp.StatusCode, resp.Header.Get("Retry-After"), body)
+	}
+}
+
+// A backoff that would outlast the request's budget is not waited out: the
+// failure is answered at once, the instance's answer or the error itself.
+func TestRZBackoffLongerThanTheBudgetIsNotWaited(t *testing.T) {
+	dead := rzClosedAddr(t)
+	sick := newBackend(t, "sick", func(w http.ResponseWriter, r *http.Request) { http.Error(w, "sick", 503) })
+	for _, tc := range []struct {
+		name, addr string
+		status     int
+		body       string
+	}{{"refused", dead, 502, "connect"}, {"503", sick.addr(), 503, "sick"}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := start(t, fmt.Sprintf(`
+discovery: {static: {svc: [%s]}}
+upstreams: {svc: {timeout: 2s, retry: {backoff_base: 1m, backoff_max: 1m}}}
+`, tc.addr))
+			c := rzClient(s, 1)
+			t0 := time.Now()
+			st, body, err := rzDo(context.Background(), c, "GET", "http://svc/", "", nil)
+			if err != nil || st != tc.status || !strings.Contains(body, tc.body) {
+				t.Errorf("want %d with %q, have %d %q %v", tc.status, tc.body, st, body, err)
+			}
+			// (Whatever the backoff draws, a wait is taken only when it
+			// is shorter than what is left, so the answer comes within
+			// the budget; waiting out the budget is the failure.)
+			if d := time.Since(t0); d >= 2*time.Second {
+				t.Errorf("answered after %v: the backoff was waited out to the end of the budget", d)
+			}
+		})
+	}
+}
+
+// meshd's own 503 says why no instance was left: open breakers, instances
+// tried already, or both, not "every circuit breaker is open" regardless.
+func TestUnavailableWhy(t *testing.T) {
+	eps := func(states ...balance.BreakerState) []*balance.Endpoint {
+		var out []*balance.Endpoint
+		for _, st := range states {
+			s := &balance.Stats{}
+			s.SetBreaker(st, time.Now().Add(time.Minute))
+			out = append(out, &balance.Endpoint{Stats: s})
+		}
+		return out
+	}
+	open, closed := balance.BreakerOpen, balance.BreakerClosed
+	for _, tc := range []struct {
+		eps   []*balance.Endpoint
+		tried int
+		want  string
+	}{
+		{eps(open, open), 0, "every circuit breaker is open"},
+		{eps(open, open), 1, "every circuit breaker is open"},
+		{eps(open, closed), 1, "1 of 2 circuit breakers open, 1 instance(s) tried already"},
+		{eps(closed, closed), 2, "0 of 2 circuit breakers open, 2 instance(s) tried already"},
+	} {
+		if have := unavailableWhy(tc.eps, tc.tried); have != tc.want {
+			t.Errorf("want %q, have %q", tc.want, have)
+		}
 	}
 }

@@ -82,11 +82,17 @@
 //
 // weighted_least_connections does the same with the score
 // (in flight + 1) / weight, so an instance of weight 3 carries three times the
-// requests of one of weight 1. It uses slow_start.
+// requests of one of weight 1. Past 16 instances whose weights differ, the
+// shuffled order holds each instance about in proportion to its weight (some
+// 4 entries per instance, at least one each), so that the 8 compared are
+// drawn by weight: drawn uniformly, an instance could win no more than about
+// 8/n of the picks, whatever its weight. It uses slow_start.
 //
 // # least_response_time
 //
-// Draws two usable instances at random and takes the lower score
+// Draws two usable instances at random (in proportion to their weights,
+// when these differ: drawn uniformly, an instance could win no more than
+// about 2/n of the picks, whatever its weight) and takes the lower score
 //
 //	average response time × (requests in flight + 1) / weight
 //

@@ -3,6 +3,7 @@ package balance
 import (
 	"math"
 	"math/bits"
+	"slices"
 	"time"
 )
 
@@ -92,17 +93,28 @@ type leastConn struct {
 	eps   []*Endpoint
 	stats []*Stats // eps[i].Stats, saving a memory access per instance
 	units []uint64
+	// instances is how many there are (eps may repeat them, see
+	// weightedRing).
+	instances int
 }
 
 func newLeastConn(eps []*Endpoint, units []uint64) *leastConn {
 	n := len(eps)
-	p := &leastConn{eps: eps, units: units}
+	p := &leastConn{eps: eps, units: units, instances: n}
 	if n > lcExact {
-		p.eps = make([]*Endpoint, n)
-		if units != nil {
-			p.units = make([]uint64, n)
+		order := shuffled(n)
+		if units != nil && !slices.Equal(units, slices.Repeat(units[:1], n)) {
+			// Weights differ: in a list where each instance appears once,
+			// a window would let one win at most about lcSample/n of the
+			// picks, whatever its weight. Each appears in proportion to
+			// its weight instead, so that windows sample by weight.
+			order = weightedRing(units)
 		}
-		for i, j := range shuffled(n) {
+		p.eps = make([]*Endpoint, len(order))
+		if units != nil {
+			p.units = make([]uint64, len(order))
+		}
+		for i, j := range order {
 			p.eps[i] = eps[j]
 			if units != nil {
 				p.units[i] = units[j]
@@ -111,6 +123,31 @@ func newLeastConn(eps []*Endpoint, units []uint64) *leastConn {
 	}
 	p.stats = statsOf(p.eps)
 	return p
+}
+
+// weightedRing returns indexes of units in a random order, each repeated in
+// proportion to its weight over about 4 entries per instance (at most
+// 65,536 in all, at least one per instance, so an instance of tiny relative
+// weight is sampled a little more often than its weight says).
+func weightedRing(units []uint64) []int {
+	n := len(units)
+	var total float64
+	for _, u := range units {
+		total += float64(u)
+	}
+	size := max(n, min(4*n, 1<<16))
+	per := total / float64(size)
+	ring := make([]int, 0, size+n)
+	for i, u := range units {
+		for range max(1, int(math.Round(float64(u)/per))) {
+			ring = append(ring, i)
+		}
+	}
+	for i := len(ring) - 1; i > 0; i-- {
+		j := randIntN(i + 1)
+		ring[i], ring[j] = ring[j], ring[i]
+	}
+	return ring
 }
 
 // shuffled returns a random permutation of [0, n).
@@ -147,11 +184,10 @@ func (p *leastConn) Pick(req *Request) (*Endpoint, error) {
 	if i < 0 && window < n {
 		// Nothing usable in the window: look at everything.
 		b, _ := p.scan(start, n, &rb, req)
+		req.Candidates = p.instances
 		if b.e == nil {
-			req.Candidates = n
 			return nil, ErrNoneAvailable
 		}
-		req.Candidates = n
 		req.Score = b.score(p.units != nil)
 		req.Reason = reasonLeastConn
 		if p.units != nil {

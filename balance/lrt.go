@@ -39,6 +39,10 @@ const markGranularity = int64(time.Millisecond)
 type leastResponseTime struct {
 	eps   []*Endpoint
 	units []uint64
+	// alias draws the two candidates in proportion to weight when weights
+	// differ: drawn uniformly, an instance could win at most about 2/n of
+	// the picks, whatever its weight.
+	alias []aliasSlot
 	prior float64 // ns; median of the known averages at build time, 1 if none
 	stale int64   // ns
 }
@@ -55,7 +59,30 @@ func newLeastResponseTime(eps []*Endpoint, units []uint64, decay time.Duration) 
 		slices.Sort(known)
 		prior = known[len(known)/2]
 	}
-	return &leastResponseTime{eps: eps, units: units, prior: prior, stale: int64(decay)}
+	p := &leastResponseTime{eps: eps, units: units, prior: prior, stale: int64(decay)}
+	if len(units) > 1 && !slices.Equal(units, slices.Repeat(units[:1], len(units))) {
+		p.alias = newAlias(units)
+	}
+	return p
+}
+
+// pair draws two distinct indexes: uniformly, or by weight with alias.
+func (p *leastResponseTime) pair(n int) (int, int) {
+	if p.alias == nil {
+		return randPair(n)
+	}
+	i := drawAlias(p.alias, randUint64())
+	for range 3 {
+		if j := drawAlias(p.alias, randUint64()); j != i {
+			return i, j
+		}
+	}
+	// One instance holds most of the weight: its rival is any other.
+	j := randIntN(n - 1)
+	if j >= i {
+		j++
+	}
+	return i, j
 }
 
 func latencyOf(e *Endpoint) (float64, bool) {
@@ -103,7 +130,7 @@ func (p *leastResponseTime) Pick(req *Request) (*Endpoint, error) {
 	}
 	req.Candidates = 2
 	for range p2cProbe {
-		i, j := randPair(n)
+		i, j := p.pair(n)
 		a, b := p.eps[i], p.eps[j]
 		ua, ub := req.Usable(a), req.Usable(b)
 		if !ua && !ub {

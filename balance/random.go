@@ -105,7 +105,13 @@ type aliasSlot struct {
 }
 
 func newWeightedRandom(eps []*Endpoint, units []uint64, _ time.Time) Picker {
-	n := len(eps)
+	return &weightedRandom{eps: eps, units: units, slots: newAlias(units)}
+}
+
+// newAlias builds the alias table of Vose's method for weights units (all
+// positive): draw then picks index i with probability units[i]/sum.
+func newAlias(units []uint64) []aliasSlot {
+	n := len(units)
 	var total float64
 	for _, u := range units {
 		total += float64(u)
@@ -140,7 +146,16 @@ func newWeightedRandom(eps []*Endpoint, units []uint64, _ time.Time) Picker {
 	for _, i := range small {
 		slots[i] = aliasSlot{keep: math.MaxUint64, alias: uint32(i)}
 	}
-	return &weightedRandom{eps: eps, units: units, slots: slots}
+	return slots
+}
+
+// drawAlias maps the random x to an index of the alias table slots.
+func drawAlias(slots []aliasSlot, x uint64) int {
+	col, frac := bits.Mul64(x, uint64(len(slots)))
+	if frac >= slots[col].keep {
+		return int(slots[col].alias)
+	}
+	return int(col)
 }
 
 func probToU64(p float64) uint64 {
@@ -157,12 +172,7 @@ func (p *weightedRandom) Pick(req *Request) (*Endpoint, error) {
 	req.Candidates = len(p.eps)
 	req.Score = 0
 	for range randProbe {
-		col, frac := bits.Mul64(randUint64(), uint64(len(p.slots)))
-		s := p.slots[col]
-		i := int(col)
-		if frac >= s.keep {
-			i = int(s.alias)
-		}
+		i := drawAlias(p.slots, randUint64())
 		if e := p.eps[i]; req.Usable(e) {
 			req.Reason = reasonWeightedRandom
 			return e, nil

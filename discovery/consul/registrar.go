@@ -24,10 +24,12 @@ const (
 )
 
 // Weights are the relative capacities Consul reports for an instance while
-// its checks pass and while they warn. Zero means Consul's default of 1.
+// its checks pass and while they warn. A zero Passing, or a nil Warning,
+// means Consul's default of 1; a Warning of 0 takes the instance out of
+// rotation while its checks warn.
 type Weights struct {
 	Passing int
-	Warning int
+	Warning *int
 }
 
 // Check is the health check Consul runs against the registered service: an
@@ -115,7 +117,7 @@ func (reg Registration) agentRegistration() (*api.AgentServiceRegistration, erro
 	if reg.Port < 1 || reg.Port > 65535 {
 		return nil, fmt.Errorf("port %d out of range 1-65535", reg.Port)
 	}
-	if reg.Weights.Passing < 0 || reg.Weights.Warning < 0 {
+	if reg.Weights.Passing < 0 || reg.Weights.Warning != nil && *reg.Weights.Warning < 0 {
 		return nil, errors.New("negative weight")
 	}
 	if reg.DeregisterCriticalServiceAfter < 0 {
@@ -144,13 +146,10 @@ func (reg Registration) agentRegistration() (*api.AgentServiceRegistration, erro
 		Tags:    slices.Clone(reg.Tags),
 		Meta:    maps.Clone(reg.Meta),
 	}
-	if reg.Weights != (Weights{}) {
-		w := api.AgentWeights{Passing: reg.Weights.Passing, Warning: reg.Weights.Warning}
-		if w.Passing == 0 {
-			w.Passing = 1
-		}
-		if w.Warning == 0 {
-			w.Warning = 1
+	if reg.Weights.Passing != 0 || reg.Weights.Warning != nil {
+		w := api.AgentWeights{Passing: max(reg.Weights.Passing, 1), Warning: 1}
+		if reg.Weights.Warning != nil {
+			w.Warning = *reg.Weights.Warning
 		}
 		ar.Weights = &w
 	}

@@ -33,7 +33,7 @@ func TestRegistrar(t *testing.T) {
 	r, err := NewRegistrar(cfg, Registration{
 		Name: "orders", ID: "orders-1", Address: "127.0.0.1", Port: port,
 		Tags: []string{"v2"}, Meta: map[string]string{"team": "core"},
-		Weights:                        Weights{Passing: 3, Warning: 1},
+		Weights:                        Weights{Passing: 3, Warning: new(1)},
 		Check:                          Check{HTTP: health.URL + "/healthz", Interval: 200 * time.Millisecond, Timeout: time.Second},
 		DeregisterCriticalServiceAfter: time.Minute,
 	})
@@ -157,7 +157,7 @@ func TestRegistrationValidation(t *testing.T) {
 		{"bad name", func(r *Registration) { r.Name = "a/b" }},
 		{"port 0", func(r *Registration) { r.Port = 0 }},
 		{"port too big", func(r *Registration) { r.Port = 70000 }},
-		{"negative weight", func(r *Registration) { r.Weights.Warning = -1 }},
+		{"negative weight", func(r *Registration) { r.Weights.Warning = new(-1) }},
 		{"both check targets", func(r *Registration) { r.Check = Check{HTTP: "http://127.0.0.1/", TCP: "127.0.0.1:1"} }},
 		{"relative check URL", func(r *Registration) { r.Check.HTTP = "/healthz" }},
 		{"bad check TCP", func(r *Registration) { r.Check.TCP = "127.0.0.1" }},
@@ -190,6 +190,25 @@ func TestRegistrationValidation(t *testing.T) {
 	if ar.Check != nil || len(ar.Checks) != 2 || ar.Checks[0].TCP != "127.0.0.1:8080" || ar.Checks[1].TCP != "127.0.0.1:15006" ||
 		ar.Checks[1].Interval != "2s" || ar.Checks[1].DeregisterCriticalServiceAfter != "1m0s" {
 		t.Errorf("with a listener check: want the service's and the listener's TCP checks alike, have %+v", ar.Checks)
+	}
+	// Warning is Consul's default of 1 unless set; 0 is kept (no traffic
+	// while the checks warn), not taken for unset.
+	for _, tc := range []struct {
+		w                Weights
+		passing, warning int
+	}{
+		{Weights{Passing: 3}, 3, 1},
+		{Weights{Passing: 3, Warning: new(0)}, 3, 0},
+		{Weights{Warning: new(0)}, 1, 0},
+		{Weights{Passing: 2, Warning: new(5)}, 2, 5},
+	} {
+		ar, err := Registration{Name: "orders", Port: 8080, Weights: tc.w}.agentRegistration()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ar.Weights == nil || ar.Weights.Passing != tc.passing || ar.Weights.Warning != tc.warning {
+			t.Errorf("weights %+v: want passing %d warning %d, have %+v", tc.w, tc.passing, tc.warning, ar.Weights)
+		}
 	}
 	if _, err := NewRegistrar(Config{Address: "127.0.0.1:1"}, good); err != nil {
 		t.Errorf("valid registration: want no error, have %v", err)

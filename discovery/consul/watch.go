@@ -404,6 +404,11 @@ func toInstance(e *api.ServiceEntry, includeWarning bool) (discovery.Instance, b
 			return discovery.Instance{}, false
 		}
 		weight = e.Service.Weights.Warning
+		if weight <= 0 && e.Service.Weights.Passing > 0 {
+			// Registered with a warning weight of 0: no traffic while
+			// it warns. (Both 0 is an entry without weights: 1.)
+			return discovery.Instance{}, false
+		}
 	default:
 		return discovery.Instance{}, false
 	}

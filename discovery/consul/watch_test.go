@@ -266,6 +266,15 @@ func TestWatchOptions(t *testing.T) {
 		}
 	})
 
+	t.Run("a warning weight of 0 means no traffic while warning", func(t *testing.T) {
+		agentRegister(t, cl, &api.AgentServiceRegistration{ID: "z1", Name: "zeroed", Port: 9211, Weights: &api.AgentWeights{Passing: 2, Warning: 0},
+			Check: ttlCheck("z1-ttl", api.HealthWarning)})
+		agentRegister(t, cl, &api.AgentServiceRegistration{ID: "z2", Name: "zeroed", Port: 9212, Weights: &api.AgentWeights{Passing: 2, Warning: 1},
+			Check: ttlCheck("z2-ttl", api.HealthWarning)})
+		w := startWatch(t, src, "zeroed", WatchOptions{IncludeWarning: true})
+		w.rec.wait(t, 0, 5*time.Second, "z2 only", hasIDs(node+"/z2"))
+	})
+
 	t.Run("include warning and weights", func(t *testing.T) {
 		weights := &api.AgentWeights{Passing: 5, Warning: 2}
 		agentRegister(t, cl, &api.AgentServiceRegistration{ID: "w1", Name: "weighted", Port: 9205, Weights: weights,

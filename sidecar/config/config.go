@@ -74,10 +74,11 @@ type Service struct {
 	Check           Check  `yaml:"check"`
 }
 
-// Weights are Consul service weights.
+// Weights are Consul service weights. Warning defaults to 1, as in Consul;
+// 0 takes the instance out of rotation while its checks warn.
 type Weights struct {
-	Passing int `yaml:"passing"`
-	Warning int `yaml:"warning"`
+	Passing int  `yaml:"passing"`
+	Warning *int `yaml:"warning"`
 }
 
 // Check is the health check registered with the service.
@@ -666,7 +667,7 @@ func (c *Config) validate(d *decoder) {
 				at("service.register_address", "%v", err)
 			}
 		}
-		if s.Weights != nil && (s.Weights.Passing < 1 || s.Weights.Warning < 0) {
+		if s.Weights != nil && (s.Weights.Passing < 1 || s.Weights.Warning != nil && *s.Weights.Warning < 0) {
 			at("service.weights", "passing must be at least 1 and warning at least 0")
 		}
 	}

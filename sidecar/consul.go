@@ -76,6 +76,12 @@ func (s *Sidecar) startConsul(cfg *config.Config) error {
 		go func() {
 			defer s.bg.Done()
 			s.log.Info("registering the app in consul", "service", reg.Name, "id", r.ID(), "address", reg.Address, "port", reg.Port)
+			if ip := net.ParseIP(reg.Address); ip != nil && ip.IsLoopback() {
+				// Right on one machine, wrong on a cluster: a peer on
+				// another node would dial its own loopback.
+				s.log.Warn("registering a loopback address: only peers on this machine can reach the app; bind listen.inbound to a routable address or set service.register_address",
+					"service", reg.Name, "address", reg.Address)
+			}
 			if err := r.Run(s.ctx); err != nil {
 				s.log.Error("service registration stopped", "service", reg.Name, "err", err)
 			}

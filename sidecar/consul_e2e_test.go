@@ -653,3 +653,35 @@ discovery: {consul: {address: %s}}
 		}
 	}
 }
+
+// Registering a loopback address is right on one machine and wrong on a
+// cluster: meshd says so in its log, and is quiet for a routable address.
+func TestLoopbackRegistrationIsWarnedOf(t *testing.T) {
+	consulEnvClear(t)
+	c := testenv.StartConsul(t)
+	cl := c.Client(t)
+	app := newBackend(t, "app", nil)
+	_, port, _ := net.SplitHostPort(app.addr())
+	const warning = "registering a loopback address"
+	for _, tc := range []struct {
+		extra string
+		warn  bool
+	}{{"", true}, {", register_address: 10.1.2.3:" + port, false}} {
+		var logs syncBuf
+		s := startLogged(t, fmt.Sprintf(`
+listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0, inbound: 127.0.0.1:0}
+service: {name: orders, port: %s, register: true%s}
+discovery: {consul: {address: %s}}
+`, port, tc.extra, c.Addr()), &logs)
+		waitFor(t, "orders registered", func() bool {
+			svcs, err := cl.Agent().Services()
+			return err == nil && len(svcs) == 1
+		})
+		if have := strings.Contains(logs.String(), warning); have != tc.warn {
+			t.Errorf("service%s: warned of a loopback registration: %v, want %v", tc.extra, have, tc.warn)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		s.Shutdown(ctx)
+		cancel()
+	}
+}

@@ -1080,6 +1080,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	var backend net.Conn
 	var ep *balance.Endpoint
 	var lastErr error
+	dialed := false // an instance was dialled (and failed), not only unavailable
 	for i := 0; i < len(snap.Endpoints) && i < max(rc.Retry.Attempts, 1) && backend == nil; i++ {
 		preq.Now = time.Now().UnixNano()
 		preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
@@ -1098,6 +1099,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 		c, err := d.DialContext(r.Context(), "tcp", e.Address)
 		o := g.Classify(r.Context(), err, 0)
 		done(o)
+		dialed = true
 		if err != nil {
 			e.Failures.Add(1)
 			lastErr = err
@@ -1106,6 +1108,15 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 		backend, ep = c, e
 	}
 	if backend == nil {
+		if !dialed {
+			// None could be tried: unavailable, as for other requests.
+			msg := "no available instance of " + quote(u.name) + " (" + unavailableWhy(snap.Endpoints, preq.Tried()) + ")"
+			if lastErr != nil {
+				msg += ": " + lastErr.Error()
+			}
+			s.reject(w, r, u, http.StatusServiceUnavailable, msg, start)
+			return
+		}
 		msg := "no instance of " + quote(u.name) + " accepted the tunnel"
 		if lastErr != nil {
 			msg += ": " + lastErr.Error()

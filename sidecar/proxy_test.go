@@ -607,3 +607,30 @@ func TestH2CallerTrailersWithALength(t *testing.T) {
 		}
 	}
 }
+
+// A CONNECT that finds every instance's breaker open is answered 503, like
+// any other request with no instance to send it to; one whose instances
+// refuse the connection, 502.
+func TestConnectWithNoInstanceAvailable(t *testing.T) {
+	dead := rzClosedAddr(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {db: [%s]}}\nupstreams: {db: {breaker: {consecutive_failures: 1, open_for: 1m}}}\n", dead))
+	connect := func() (int, string) {
+		conn, err := net.Dial("tcp", s.Addr("outbound"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		fmt.Fprint(conn, "CONNECT db:443 HTTP/1.1\r\nHost: db:443\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "CONNECT"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, readAll(t, resp)
+	}
+	if st, body := connect(); st != http.StatusBadGateway || !strings.Contains(body, "accepted the tunnel") {
+		t.Errorf("refused: want 502, have %d %q", st, body)
+	}
+	if st, body := connect(); st != http.StatusServiceUnavailable || !strings.Contains(body, "every circuit breaker is open") {
+		t.Errorf("breaker open: want 503 saying so, have %d %q", st, body)
+	}
+}

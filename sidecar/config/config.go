@@ -137,6 +137,8 @@ type StaticEntry struct {
 	ID      string   `yaml:"id"`
 	Tags    []string `yaml:"tags"`
 	line    int
+	// weightSet tells a weight of 0 written out (refused) from none (1).
+	weightSet bool
 }
 
 func (s *StaticEntry) decodeNode(d *decoder, n *yaml.Node, path string) {
@@ -144,6 +146,11 @@ func (s *StaticEntry) decodeNode(d *decoder, n *yaml.Node, path string) {
 	if n.Kind == yaml.ScalarNode {
 		s.Address = n.Value
 		return
+	}
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if n.Content[i].Value == "weight" {
+			s.weightSet = true
+		}
 	}
 	d.decodeStruct(n, reflectValue(s), path)
 }
@@ -296,6 +303,13 @@ func Parse(file string, data []byte) (*Config, error) {
 		if errors.Is(err, errEOF(err)) {
 			return nil, Errors{{File: file, Msg: "empty config"}}
 		}
+		return nil, Errors{{File: file, Line: yamlLine(err), Msg: "not valid YAML: " + err.Error()}}
+	}
+	var more yaml.Node
+	if err := dec.Decode(&more); err == nil {
+		// Silently reading only the first would drop the rest.
+		return nil, Errors{{File: file, Line: more.Line, Msg: "a second YAML document (after ---): put the whole config in one"}}
+	} else if !errors.Is(err, errEOF(err)) {
 		return nil, Errors{{File: file, Line: yamlLine(err), Msg: "not valid YAML: " + err.Error()}}
 	}
 	d.decode(&root, reflectValue(c), "")
@@ -542,6 +556,11 @@ func (d Discovery) OnDemandOn() bool {
 
 var serviceName = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9_-]{0,62})$`)
 
+// upstreamName is serviceName in lower case: requests name upstreams by
+// host, which meshd matches in lower case (host names know no case), so an
+// upstream named with a capital could never be reached.
+var upstreamName = regexp.MustCompile(`^[a-z0-9]([a-z0-9_-]{0,62})$`)
+
 func (c *Config) validate(d *decoder) {
 	at := func(key, format string, args ...any) {
 		line := d.lineOf(key)
@@ -601,8 +620,8 @@ func (c *Config) validate(d *decoder) {
 	for _, name := range names {
 		u := c.Upstreams[name]
 		p := "upstreams." + name
-		if !serviceName.MatchString(name) {
-			at(p, "upstream names are letters, digits, '-' and '_' (at most 63), have %q", name)
+		if !upstreamName.MatchString(name) {
+			at(p, "upstream names are lower-case letters, digits, '-' and '_' (at most 63; hosts are matched in lower case), have %q", name)
 		}
 		switch u.Discovery {
 		case "static":
@@ -617,6 +636,9 @@ func (c *Config) validate(d *decoder) {
 			at(p+".discovery", "want static or consul, have %q", u.Discovery)
 		}
 		checkListen(p+".listen", u.Listen, false)
+		if u.Timeout != 0 && u.Timeouts.Request != u.Timeout {
+			at(p+".timeout", "timeout is short for timeouts.request, and they disagree (%s, %s): keep one", u.Timeout, u.Timeouts.Request)
+		}
 		if _, err := balance.New(u.Balance.BalanceConfig()); err != nil {
 			var fe *balance.FieldError
 			if errors.As(err, &fe) {
@@ -629,11 +651,7 @@ func (c *Config) validate(d *decoder) {
 				at(p+".balance", "%v", err)
 			}
 		}
-		for i, code := range u.Failure.Statuses {
-			if code < 100 || code > 599 {
-				at(fmt.Sprintf("%s.failure.statuses[%d]", p, i), "want an HTTP status code 100-599, have %d", code)
-			}
-		}
+		// (failure.statuses are checked with the rest of resilience below.)
 		if u.MaxIdlePerInstance < 0 {
 			at(p+".max_idle_per_instance", "must not be negative")
 		}
@@ -711,9 +729,32 @@ func (c *Config) validate(d *decoder) {
 			at(fmt.Sprintf("telemetry.propagators[%d]", i), "want tracecontext, baggage, b3, b3multi or none, have %q", p)
 		}
 	}
+	// What telemetry itself would refuse at start (an endpoint that is no
+	// address, propagators that cannot combine), so that validate and a
+	// reload refuse it too, with its line; keys reported above are not
+	// reported twice.
+	for _, err := range c.TelemetryConfig().Validate() {
+		key, msg, ok := strings.Cut(err.Error(), ": ")
+		if !ok || !strings.HasPrefix(key, "telemetry") {
+			key, msg = "telemetry", err.Error()
+		}
+		if !reportedUnder(d.errs, key) {
+			at(key, "%s", msg)
+		}
+	}
 	if c.Proxy.MaxHeaderBytes < 0 {
 		at("proxy.max_header_bytes", "must not be negative")
 	}
+}
+
+// reportedUnder reports whether errs hold one for key or a key under it.
+func reportedUnder(errs Errors, key string) bool {
+	for _, e := range errs {
+		if e.Key == key || strings.HasPrefix(e.Key, key+".") || strings.HasPrefix(e.Key, key+"[") {
+			return true
+		}
+	}
+	return false
 }
 
 func validateStatic(d *decoder, m map[string][]StaticEntry, prefix string) {
@@ -724,8 +765,8 @@ func validateStatic(d *decoder, m map[string][]StaticEntry, prefix string) {
 	sort.Strings(names)
 	for _, name := range names {
 		p := join(prefix, name)
-		if !serviceName.MatchString(name) {
-			d.fail(nil, p, "service names are letters, digits, '-' and '_', have %q", name)
+		if !upstreamName.MatchString(name) {
+			d.fail(nil, p, "service names are lower-case letters, digits, '-' and '_' (hosts are matched in lower case), have %q", name)
 			d.errs[len(d.errs)-1].Line = d.lines[p]
 		}
 		ids := map[string]bool{}
@@ -738,8 +779,8 @@ func validateStatic(d *decoder, m map[string][]StaticEntry, prefix string) {
 			if err := checkHostPort(e.Address); err != nil {
 				fail(ep+".address", "%v", err)
 			}
-			if e.Weight < 0 {
-				fail(ep+".weight", "must not be negative, have %d", e.Weight)
+			if e.Weight < 0 || e.Weight == 0 && e.weightSet {
+				fail(ep+".weight", "must be at least 1 (to take an instance out, remove it), have %d", e.Weight)
 			}
 			id := e.ID
 			if id == "" {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -71,5 +72,33 @@ func TestReloadRetiresTheOldTransport(t *testing.T) {
 	}
 	if have := get("/fast"); have != "done /fast" {
 		t.Fatalf("after the reload: %q", have)
+	}
+}
+
+// Settings the listeners' servers were started with are not reloaded: a
+// change to them is refused saying so, not reported reloaded and ignored.
+func TestReloadRefusesServerSettings(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	conf := func(proxy string) string {
+		return fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\nproxy: {%s}\n", b.addr(), proxy)
+	}
+	s := start(t, conf("idle_timeout: 90s"))
+	for _, tc := range []struct{ proxy, want string }{
+		{"idle_timeout: 90s", ""},
+		{"idle_timeout: 30s", "proxy.idle_timeout changed"},
+		{"idle_timeout: 90s, read_header_timeout: 1s", "proxy.read_header_timeout changed"},
+		{"idle_timeout: 90s, max_header_bytes: 4096", "proxy.max_header_bytes changed"},
+	} {
+		cfg, err := parseConfig(conf(tc.proxy))
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = s.Reload(cfg)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%s: want the reload, have %v", tc.proxy, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: want the reload refused with %q, have %v", tc.proxy, tc.want, err)
+		}
 	}
 }

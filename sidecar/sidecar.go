@@ -348,6 +348,26 @@ func (s *Sidecar) addrOf(key string) string {
 // Config returns the config in force.
 func (s *Sidecar) Config() *config.Config { return s.cfg.Load() }
 
+// checkServerReload refuses changes to the settings the listeners' servers
+// were started with: applied to new listeners only, they would be reported
+// reloaded while the running ones keep the old values.
+func checkServerReload(cur, next config.Proxy) error {
+	for _, c := range []struct {
+		key     string
+		changed bool
+	}{
+		{"proxy.read_header_timeout", cur.ReadHeaderTimeout != next.ReadHeaderTimeout},
+		{"proxy.idle_timeout", cur.IdleTimeout != next.IdleTimeout},
+		{"proxy.max_header_bytes", cur.MaxHeaderBytes != next.MaxHeaderBytes},
+		{"proxy.fast_path", cur.FastPathOn() != next.FastPathOn()},
+	} {
+		if c.changed {
+			return fmt.Errorf("%s changed: restart meshd to apply it", c.key)
+		}
+	}
+	return nil
+}
+
 // Reload switches to cfg without dropping requests: upstreams keep their
 // instance state, new listeners are bound before old ones drain. On error the
 // running config stays in force.
@@ -358,6 +378,9 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 		return errors.New("sidecar: not running")
 	}
 	if err := s.checkConsulReload(cfg); err != nil {
+		return err
+	}
+	if err := checkServerReload(s.cfg.Load().Proxy, cfg.Proxy); err != nil {
 		return err
 	}
 	old := *s.upstreams.Load()

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"reflect"
 	"syscall"
 	"time"
 
@@ -116,6 +117,25 @@ func cmdValidate(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
+// reloadable checks next, read again for a reload, against the running
+// config (running, started from a file whose log section was fileLog) and
+// prepares it: the log's format and level and the telemetry are set up once
+// at start, so a change to them is refused rather than reported reloaded
+// and ignored; log.access applies at once. next.Log becomes the running
+// log section (with the command line's overrides) and next's access.
+func reloadable(next, running *config.Config, fileLog config.Log) error {
+	if next.Log.Format != fileLog.Format || next.Log.Level != fileLog.Level {
+		return errors.New("log.format or log.level changed: restart meshd to apply it")
+	}
+	if !reflect.DeepEqual(next.Telemetry, running.Telemetry) {
+		return errors.New("telemetry changed: restart meshd to apply it")
+	}
+	access := next.Log.Access
+	next.Log = running.Log
+	next.Log.Access = access
+	return nil
+}
+
 func cmdRun(args []string, stdout, stderr io.Writer) int {
 	fs := newFlags("run", "run --config FILE\n\nStarts the sidecar. SIGTERM or SIGINT drains in-flight requests (up to proxy.drain)\nand exits 0; SIGHUP reloads the config (a bad file is refused and the old one keeps serving).", stderr)
 	file := fs.String("config", "meshd.yaml", "config file")
@@ -129,6 +149,7 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "meshd: config %s is not valid:\n%v\n", *file, err)
 		return 1
 	}
+	fileLog := cfg.Log // before the flags override it
 	if *logFormat != "" {
 		cfg.Log.Format = *logFormat
 	}
@@ -175,7 +196,10 @@ func cmdRun(args []string, stdout, stderr io.Writer) int {
 				log.Error("reload refused: config not valid; the running config stays", "config", *file, "err", err)
 				continue
 			}
-			next.Log = cfg.Log
+			if err := reloadable(next, cfg, fileLog); err != nil {
+				log.Error("reload refused; the running config stays", "config", *file, "err", err)
+				continue
+			}
 			if err := sc.Reload(next); err != nil {
 				log.Error("reload refused; the running config stays", "config", *file, "err", err)
 				continue

@@ -673,6 +673,7 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 	// response head costs a handful of allocations whatever its size.
 	arena := c.arena[:0]
 	fields := c.fields[:0]
+	size := len(line)
 	for {
 		l, err := c.readLineBytes()
 		if err != nil {
@@ -680,6 +681,10 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		}
 		if len(l) == 0 {
 			break
+		}
+		if size += len(l) + 2; size > maxResponseHead {
+			c.broken.Store(true)
+			return nil, fmt.Errorf("h1: response head over %d bytes", maxResponseHead)
 		}
 		i := indexByte(l, ':')
 		if i <= 0 {
@@ -720,6 +725,12 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 	c.arena, c.fields = arena, fields
 	return resp, nil
 }
+
+// maxResponseHead bounds a response head (status line and fields): an
+// instance sending fields without end would otherwise grow meshd's memory
+// until the header timeout. net/http's Transport allows 10 MB by default;
+// 1 MiB is far past any real head.
+const maxResponseHead = 1 << 20
 
 // respBlock holds a response and room for the values of a typical head.
 type respBlock struct {
@@ -880,6 +891,9 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 	case len(te) > 0:
 		r = httputil.NewChunkedReader(c.br)
 		delete(resp.Header, "Transfer-Encoding")
+		// A length beside chunked framing is wrong and must not reach the
+		// caller, whose answer is framed anew (RFC 9112 §6.3).
+		delete(resp.Header, "Content-Length")
 		resp.TransferEncoding = []string{"chunked"}
 		resp.ContentLength = -1
 	default:

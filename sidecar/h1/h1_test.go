@@ -690,3 +690,60 @@ func TestStalePoolIsLeftBehind(t *testing.T) {
 		t.Fatalf("want %d connections in all (one new), have %d", n+1, have)
 	}
 }
+
+// rawAnswer serves every connection by reading one request head and
+// writing answer (then closing).
+func rawAnswer(t *testing.T, answer func(io.Writer)) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+					return
+				}
+				answer(c)
+			}(c)
+		}
+	}()
+	return "http://" + ln.Addr().String() + "/"
+}
+
+// A response head that does not end is cut off at 1 MiB, not read into
+// memory until the header timeout.
+func TestEndlessResponseHeadIsRefused(t *testing.T) {
+	url := rawAnswer(t, func(w io.Writer) {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\n")
+		line := "X-Filler: " + strings.Repeat("a", 1000) + "\r\n"
+		for i := 0; i < 4096; i++ { // 4 MiB, if read whole
+			if _, err := io.WriteString(w, line); err != nil {
+				return
+			}
+		}
+	})
+	req, _ := http.NewRequest("GET", url, nil)
+	if _, err := New(Options{}).RoundTrip(req); err == nil || !strings.Contains(err.Error(), "response head over") {
+		t.Fatalf("want the head refused past 1 MiB, have %v", err)
+	}
+}
+
+// A Content-Length beside chunked framing is dropped: the body is
+// decoded, and the length would contradict what the caller is sent.
+func TestChunkedResponseLosesItsContentLength(t *testing.T) {
+	url := rawAnswer(t, func(w io.Writer) {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+	})
+	resp, body := get(t, New(Options{}), url)
+	if body != "hello" || resp.Header.Get("Content-Length") != "" || resp.ContentLength != -1 {
+		t.Fatalf("want body hello with no Content-Length, have %q, header %q, length %d", body, resp.Header.Get("Content-Length"), resp.ContentLength)
+	}
+}

@@ -179,7 +179,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 		fastWriters.Put(bw)
 		f.forget(c)
 	}()
-	w := &fastWriter{bw: bw, fc: c}
+	w := &fastWriter{bw: bw, fc: c, closing: &f.closing}
 	watch := newClientWatch(c)
 	// Requests are copies of base, which carries the connection's context;
 	// building them so spares the copy WithContext would make per request.
@@ -527,10 +527,12 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request) 
 		r.ContentLength = -1
 		r.Body = &fastBody{r: httputil.NewChunkedReader(br), br: br, chunked: true}
 	case cl > 0:
-		n, err := strconv.ParseInt(r.Header.Get("Content-Length"), 10, 64)
-		if cl > 1 || err != nil || n < 0 {
+		// Digits only, as net/http wants: a sign ("+3") is its 400.
+		u, err := strconv.ParseUint(r.Header.Get("Content-Length"), 10, 63)
+		if cl > 1 || err != nil {
 			return nil, false, nil
 		}
+		n := int64(u)
 		r.ContentLength = n
 		if n == 0 {
 			r.Body = http.NoBody
@@ -713,6 +715,7 @@ type fastWriter struct {
 	chunked     bool
 	noBody      bool
 	fc          *fastConn
+	closing     *atomic.Bool // the server's: set once a shutdown began
 	closeAfter  bool
 	declared    int64 // Content-Length set by the handler, -1 if none
 	written     int64
@@ -852,6 +855,11 @@ func (w *fastWriter) commit() error {
 	default:
 		w.chunked = true
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	if !w.closeAfter && w.closing != nil && w.closing.Load() {
+		// Draining: this connection closes after the answer, and the
+		// client must know before it sends another request on it.
+		w.closeAfter = true
 	}
 	if w.closeAfter || w.fc != nil && w.fc.foreignDeadline.Load() {
 		bw.WriteString("Connection: close\r\n")

@@ -20,6 +20,7 @@ func FuzzReadHead(f *testing.F) {
 		"POST /u HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
 		"POST /u HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
 		"POST /u HTTP/1.1\r\nHost: p\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+		"POST /u HTTP/1.1\r\nHost: p\r\nContent-Length: +3\r\n\r\nabc",
 		"GET / HTTP/1.1\r\nHost: p\r\nX: a\r\n b\r\n\r\n",
 		"GET / HTTP/1.1\r\nHost: p\r\nBad Name: x\r\n\r\n",
 		"GET / HTTP/1.1\r\nhost: p\r\nhOsT: q\r\n\r\n",

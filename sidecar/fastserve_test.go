@@ -2,6 +2,7 @@ package sidecar
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -264,5 +265,56 @@ func TestStalledBodyAfterAnswerGetsTheIdleTimeout(t *testing.T) {
 		t.Fatalf("data after the answer: %q", rest)
 	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		t.Fatal("the connection outlived the idle timeout by seconds while its body stalled")
+	}
+}
+
+// An answer sent while the server drains says Connection: close, as
+// net/http's does: the connection closes after it, and a keep-alive
+// client must not send its next request on it.
+func TestDrainingAnswerSaysClose(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
+		<-release
+		io.WriteString(w, "ok")
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	c, br := rawConn(t, s)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+	<-arrived
+	s.mu.Lock() // (Shutdown holds it from here on)
+	l := s.listeners["outbound"]
+	s.mu.Unlock()
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done <- s.Shutdown(ctx)
+	}()
+	waitFor(t, "the drain to begin", func() bool {
+		if l.fast != nil {
+			return l.fast.closing.Load()
+		}
+		return s.draining.Load()
+	})
+	close(release)
+	resp, body := readResp(t, br, "GET")
+	if body != "ok" || !resp.Close {
+		t.Errorf("answer while draining: want ok with Connection: close, have %q, Connection %q", body, resp.Header.Get("Connection"))
+	}
+	if err := <-done; err != nil {
+		t.Errorf("shutdown: %v", err)
+	}
+}
+
+// Content-Length is digits only: a sign is net/http's 400 on either path,
+// not a body forwarded.
+func TestSignedContentLengthIsRefused(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	c, br := rawConn(t, s)
+	io.WriteString(c, "POST / HTTP/1.1\r\nHost: p\r\nContent-Length: +3\r\n\r\nabc")
+	if resp, body := readResp(t, br, "POST"); resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("Content-Length: +3: want 400, have %d %q (instance reached %d times)", resp.StatusCode, body, b.hits.Load())
 	}
 }

@@ -634,3 +634,46 @@ func TestConnectWithNoInstanceAvailable(t *testing.T) {
 		t.Errorf("breaker open: want 503 saying so, have %d %q", st, body)
 	}
 }
+
+// Large and streamed uploads stream both ways: an instance that answers
+// before reading the upload (a 413) gets its answer through, not a 502 for
+// the write it stopped reading; one that echoes as it reads is not stalled
+// by meshd still writing the body.
+func TestUploadsStreamBothWays(t *testing.T) {
+	t.Run("early answer", func(t *testing.T) {
+		b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, "too big", http.StatusRequestEntityTooLarge)
+		})
+		s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+		const size = 32 << 20 // past what loopback socket buffers hold
+		req, _ := http.NewRequest("POST", "http://p/up", io.NopCloser(&patternReader{n: size}))
+		req.ContentLength = size
+		resp, err := proxyClient(s).Do(req)
+		if err != nil {
+			t.Fatalf("client: %v", err)
+		}
+		if body := readAll(t, resp); resp.StatusCode != http.StatusRequestEntityTooLarge {
+			t.Fatalf("want the instance's 413, have %d %q", resp.StatusCode, body)
+		}
+	})
+	t.Run("echo", func(t *testing.T) {
+		b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+			http.NewResponseController(w).EnableFullDuplex()
+			io.Copy(w, r.Body)
+		})
+		s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {timeouts: {request: 10s}}}\n", b.addr()))
+		const size = 32 << 20
+		pr, pw := io.Pipe()
+		go func() { io.Copy(pw, &patternReader{n: size}); pw.Close() }()
+		req, _ := http.NewRequest("POST", "http://p/echo", pr)
+		resp, err := proxyClient(s).Do(req)
+		if err != nil {
+			t.Fatalf("client: %v", err)
+		}
+		n, err := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if n != size || err != nil {
+			t.Fatalf("status %d, echoed %d of %d bytes, err %v", resp.StatusCode, n, size, err)
+		}
+	})
+}

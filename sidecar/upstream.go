@@ -70,10 +70,23 @@ type upstreamTransport struct {
 }
 
 func (t *upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
-	if t.fast != nil && h1.Supports(r) {
+	if t.fast != nil && h1.Supports(r) && !duplexBody(r) {
 		return t.fast.RoundTrip(r)
 	}
 	return t.std.RoundTrip(r)
+}
+
+// halfDuplexMax is the largest request body sent through meshd's own
+// HTTP/1.1 client, which writes the whole body before it reads the answer.
+const halfDuplexMax = 256 << 10
+
+// duplexBody reports whether r's body is streamed (unknown length) or
+// large: net/http's Transport reads the answer while it sends such a body,
+// so an instance that answers early (a 413 before the upload is read) or
+// echoes as it reads is not stalled, or cut into a 502, by a client still
+// writing.
+func duplexBody(r *http.Request) bool {
+	return r.Body != nil && r.Body != http.NoBody && (r.ContentLength < 0 || r.ContentLength > halfDuplexMax)
 }
 
 func (t *upstreamTransport) CloseIdleConnections() {

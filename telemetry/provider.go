@@ -48,7 +48,13 @@ type Provider struct {
 
 	tracing     bool // spans can be recorded; false means Start* are pass-through
 	recordQuery bool
-	logger      *slog.Logger
+	// strip are the caller's trace headers removed before injecting:
+	// every form of a format meshd writes in one form only (b3 single or
+	// multiple headers), so that a form meshd does not write cannot reach
+	// the instance beside the one it does and name the caller's span as
+	// the parent.
+	strip  []string
+	logger *slog.Logger
 
 	shutdownOnce sync.Once
 	shutdownErr  error
@@ -85,6 +91,25 @@ func NewTestProvider(rec *tracetest.SpanRecorder, cfg Config) (*Provider, error)
 	return setup(context.Background(), cfg, nil, sp)
 }
 
+// b3Headers are both forms of b3 propagation, single and multiple.
+var b3Headers = []string{"B3", "X-B3-Traceid", "X-B3-Spanid", "X-B3-Sampled", "X-B3-Flags", "X-B3-Parentspanid"}
+
+// stripFor lists the headers to remove before prop injects: all of b3's
+// when prop writes either of its forms.
+func stripFor(prop propagation.TextMapPropagator) []string {
+	if prop == nil {
+		return nil
+	}
+	for _, f := range prop.Fields() {
+		for _, h := range b3Headers {
+			if strings.EqualFold(f, h) {
+				return b3Headers
+			}
+		}
+	}
+	return nil
+}
+
 func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.SpanProcessor) (*Provider, error) {
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
@@ -97,6 +122,7 @@ func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.
 		Propagator:  r.propagator,
 		recordQuery: cfg.RecordQuery,
 		logger:      logger,
+		strip:       stripFor(r.propagator),
 	}
 
 	var res *resource.Resource

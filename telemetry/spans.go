@@ -190,6 +190,9 @@ func (p *Provider) StartAttempt(ctx context.Context, out *http.Request, a Attemp
 	if out.Header == nil {
 		out.Header = make(http.Header)
 	}
+	for _, k := range p.strip {
+		delete(out.Header, k)
+	}
 	p.Propagator.Inject(ctx, propagation.HeaderCarrier(out.Header))
 	if !span.IsRecording() {
 		return ctx, span

@@ -496,6 +496,48 @@ func TestB3Propagation(t *testing.T) {
 	})
 }
 
+// The caller's headers reach the instance copied; a b3 form meshd does not
+// write must not go along beside the one it does, still naming the
+// caller's span as the parent.
+func TestB3OtherFormIsNotPassedOn(t *testing.T) {
+	const traceID, spanID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+	for _, tc := range []struct {
+		propagator string
+		caller     map[string]string
+		gone       []string
+	}{
+		{"b3multi", map[string]string{"b3": traceID + "-" + spanID + "-1"}, []string{"B3"}},
+		{"b3", map[string]string{"X-B3-TraceId": traceID, "X-B3-SpanId": spanID, "X-B3-Sampled": "1"}, []string{"X-B3-Traceid", "X-B3-Spanid", "X-B3-Sampled"}},
+	} {
+		p, rec := newRecorded(t, Config{Propagators: []string{tc.propagator}})
+		in := inbound(http.MethodGet, "/")
+		for k, v := range tc.caller {
+			in.Header.Set(k, v)
+		}
+		ctx, srv := p.StartServer(context.Background(), in, "")
+		out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+		for k, v := range in.Header { // as the forward copies them
+			out.Header[k] = v
+		}
+		_, cl := p.StartAttempt(ctx, out, Attempt{})
+		EndAttempt(cl, 200, "")
+		EndServer(srv, 200, "")
+		spans := ended(t, rec, 2)
+		for _, k := range tc.gone {
+			if v, ok := out.Header[k]; ok {
+				t.Errorf("%s: the caller's %s reached the instance: %q", tc.propagator, k, v)
+			}
+		}
+		got := out.Header.Get("X-B3-SpanId")
+		if tc.propagator == "b3" {
+			got = strings.Split(out.Header.Get("b3"), "-")[1]
+		}
+		if want := spans[0].SpanContext().SpanID().String(); got != want {
+			t.Errorf("%s: the instance's parent: want meshd's client span %s, have %s", tc.propagator, want, got)
+		}
+	}
+}
+
 func TestUnsampledSpanStillPropagates(t *testing.T) {
 	zero := 0.0
 	p, rec := newRecorded(t, Config{SampleRatio: &zero})

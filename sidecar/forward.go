@@ -58,8 +58,8 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	m := metricsOf(s.tel)
 	ex := exchange{s: s, w: w, r: r, u: u, start: start, ctx: ctx}
 	defer func() {
-		telemetry.EndServer(span, ex.status, ex.errType)
-		m.ServerRequestDone(u.name, ex.status, time.Since(start))
+		telemetry.EndServer(span, ex.wire, ex.errType)
+		m.ServerRequestDone(u.name, ex.wire, ex.errType, time.Since(start))
 		if m != nil && u.retired.Load() {
 			u.settleMetrics("")
 		}
@@ -301,7 +301,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			}
 		}
 		status, n, rerr := s.respond(w, r, resp, ep)
-		ex.status, ex.bytes = status, n
+		ex.status, ex.bytes, ex.wire = status, n, status
 		bodyBroke := false
 		if rerr != nil {
 			cctx := ex.callerCtx()
@@ -352,6 +352,10 @@ type exchange struct {
 	snap     *balance.Snapshot // the instances when the request began
 	held     *heldAnswer       // the last failing answer a retry replaced
 	silent   bool              // the caller left: abort instead of answering
+	// wire is the status that went out, 0 if none: the access log keeps
+	// meshd's account (499 for a caller that left), spans and metrics
+	// report only a status sent, as the HTTP conventions ask.
+	wire int
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this
@@ -482,6 +486,7 @@ func (ex *exchange) fail(status int, errType, msg string) {
 		}
 	}
 	writeError(ex.w, status, msg)
+	ex.wire = status
 	if status >= 500 {
 		ex.u.errors.Add(1)
 	}
@@ -602,6 +607,7 @@ func (ex *exchange) passHeld(why string) {
 	copyEndToEnd(dst, h.header)
 	dst["Content-Length"] = []string{strconv.Itoa(len(h.body))}
 	ex.w.WriteHeader(h.status)
+	ex.wire = h.status
 	n, _ := ex.w.Write(h.body)
 	ex.status, ex.bytes = h.status, int64(n)
 	if h.status >= 500 {

@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/meshd/meshd/sidecar/config"
 	"github.com/meshd/meshd/telemetry"
 )
@@ -235,6 +238,64 @@ func TestMetricsOfARemovedUpstreamStayGoneAfterItsLastRequest(t *testing.T) {
 	for _, name := range []string{"meshd_requests_total", "http_server_request_duration_seconds_count"} {
 		if series(text, name, `meshd_upstream="q"`) {
 			t.Errorf("%s: q was removed while a request ran, and is reported again", name)
+		}
+	}
+}
+
+// A caller that leaves before its answer gets none: the access log says
+// 499, but the span and http.server.request.duration carry no status code
+// (none was sent), and error.type canceled instead.
+func TestCallerThatLeftHasNoStatusInSpansAndMetrics(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
+		<-release
+	})
+	t.Cleanup(func() { close(release) }) // before the backend's Close, which waits for the handler
+	rec := tracetest.NewSpanRecorder()
+	tel, err := telemetry.NewTestProvider(rec, telemetry.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), tel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(10 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://svc/wait", nil)
+	go func() { <-arrived; cancel() }()
+	if _, err := proxyClient(s).Do(req); err == nil {
+		t.Fatal("want the request cancelled")
+	}
+	waitFor(t, "the request recorded", func() bool {
+		return series(scrapeText(t, tel), "http_server_request_duration_seconds_count", `meshd_upstream="svc"`)
+	})
+	text := scrapeText(t, tel)
+	if !series(text, "http_server_request_duration_seconds_count", `meshd_upstream="svc"`, `error_type="canceled"`) ||
+		series(text, "http_server_request_duration_seconds_count", `http_response_status_code="499"`) {
+		t.Errorf("want a series with error_type canceled and no 499:\n%s", text)
+	}
+	for _, sp := range rec.Ended() {
+		if sp.SpanKind() != trace.SpanKindServer {
+			continue
+		}
+		for _, a := range sp.Attributes() {
+			if a.Key == "http.response.status_code" {
+				t.Errorf("server span of a caller that left: http.response.status_code %v, want none", a.Value.Emit())
+			}
 		}
 	}
 }

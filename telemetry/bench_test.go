@@ -82,7 +82,7 @@ func BenchmarkRequestDone(b *testing.B) {
 		for pb.Next() {
 			m.InFlight("payments", 1)
 			m.RequestDone("payments", "n1/p1", 200, 3*time.Millisecond, "")
-			m.ServerRequestDone("payments", 200, 3*time.Millisecond)
+			m.ServerRequestDone("payments", 200, "", 3*time.Millisecond)
 			m.InFlight("payments", -1)
 		}
 	})

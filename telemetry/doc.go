@@ -15,7 +15,7 @@
 //	    telemetry.Retrying(srv, next, cause, backoff)    // when retrying
 //	}
 //	telemetry.EndServer(srv, status, errType)
-//	p.Metrics.ServerRequestDone(upstream, status, total)
+//	p.Metrics.ServerRequestDone(upstream, status, errType, total)
 //	p.Metrics.InFlight(upstream, -1)
 //	telemetry.AccessLog(logger, ctx, telemetry.Access{...})
 //
@@ -170,7 +170,9 @@
 //     away].
 //   - http_server_request_duration_seconds (histogram): how long requests
 //     the app sent took, retries included [meshd_upstream,
-//     http_response_status_code, error_type for 5xx].
+//     http_response_status_code when one was sent, error_type for 5xx, or
+//     canceled when the caller left before its answer (the access log
+//     says 499 for those; no 499 is ever sent)].
 //   - meshd_requests_in_flight (gauge): requests to an upstream being
 //     handled now [meshd_upstream].
 //   - meshd_retries_total (counter): retries [meshd_upstream,

@@ -215,6 +215,8 @@ func (h *hotMetrics) server(k srvKey) *hotHistogram {
 		}
 		if k.status >= 500 {
 			labels[promName(attrErrorType)] = statusString(k.status)
+		} else if k.status == 0 && k.errType != "" {
+			labels[promName(attrErrorType)] = k.errType
 		}
 		return &hotHistogram{desc: prometheus.NewDesc("http_server_request_duration_seconds", helpServerDuration, nil, labels)}
 	})

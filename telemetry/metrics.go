@@ -76,6 +76,7 @@ type reqKey struct {
 type srvKey struct {
 	upstream string
 	status   int
+	errType  string // only without a status
 }
 
 // newMetrics builds the instruments on a meter provider that exports to a
@@ -190,14 +191,20 @@ func statusClass(status int, errType string) string {
 
 // ServerRequestDone records one finished request meshd received for
 // upstream in http.server.request.duration (labels meshd.upstream,
-// http.response.status_code when status > 0, error.type for status >= 500).
-func (m *Metrics) ServerRequestDone(upstream string, status int, dur time.Duration) {
+// http.response.status_code when a status was sent (status > 0), error.type
+// when a status of 500 or more was sent or, with no status sent, errType,
+// such as canceled for a caller that left).
+func (m *Metrics) ServerRequestDone(upstream string, status int, errType string, dur time.Duration) {
 	if m == nil {
 		return
 	}
 	// A status below 0 means none, like 0: one series, not two with the
 	// same labels, which would fail the whole scrape.
-	m.hot.server(srvKey{upstream: upstream, status: max(status, 0)}).observe(dur)
+	status = max(status, 0)
+	if status > 0 {
+		errType = "" // the status says it
+	}
+	m.hot.server(srvKey{upstream: upstream, status: status, errType: errType}).observe(dur)
 }
 
 // InFlight adds delta (+1 when a request to upstream starts, -1 when it

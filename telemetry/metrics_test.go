@@ -108,8 +108,8 @@ func TestMetricsExposition(t *testing.T) {
 	m.RequestDone("payments", "n1/p1", 503, 300*time.Millisecond, "")
 	m.RequestDone("payments", "n2/p2", 0, 2*time.Second, ErrTypeTimeout)
 	m.RequestDone("payments", "n2/p2", 0, time.Millisecond, ErrTypeCanceled)
-	m.ServerRequestDone("payments", 200, 60*time.Millisecond)
-	m.ServerRequestDone("payments", 502, 10*time.Millisecond)
+	m.ServerRequestDone("payments", 200, "", 60*time.Millisecond)
+	m.ServerRequestDone("payments", 502, "", 10*time.Millisecond)
 	m.InFlight("payments", 1)
 	m.InFlight("payments", 1)
 	m.InFlight("payments", -1)
@@ -202,7 +202,7 @@ func TestMetricsConcurrent(t *testing.T) {
 				p.Metrics.InFlight("payments", 1)
 				p.Metrics.RequestDone("payments", inst, 200+100*(i%4), time.Millisecond, "")
 				p.Metrics.Retry("payments", "503")
-				p.Metrics.ServerRequestDone("payments", 200, time.Millisecond)
+				p.Metrics.ServerRequestDone("payments", 200, "", time.Millisecond)
 				p.Metrics.InFlight("payments", -1)
 			}
 		}()
@@ -229,7 +229,7 @@ func TestMetricsConcurrent(t *testing.T) {
 func TestNilMetricsAreNoOps(t *testing.T) {
 	var m *Metrics
 	m.RequestDone("u", "i", 200, time.Millisecond, "")
-	m.ServerRequestDone("u", 200, time.Millisecond)
+	m.ServerRequestDone("u", 200, "", time.Millisecond)
 	m.InFlight("u", 1)
 	m.Retry("u", "503")
 	m.BreakerTransition("u", "i", "closed", "open")
@@ -286,9 +286,9 @@ func TestBreakerStateValue(t *testing.T) {
 func TestDurationBucketEdges(t *testing.T) {
 	p, _ := newRecorded(t, Config{})
 	m := p.Metrics
-	m.ServerRequestDone("edges", 200, 25*time.Millisecond)
-	m.ServerRequestDone("edges", 200, 25*time.Millisecond+time.Nanosecond)
-	m.ServerRequestDone("edges", 200, 10*time.Second+time.Nanosecond)
+	m.ServerRequestDone("edges", 200, "", 25*time.Millisecond)
+	m.ServerRequestDone("edges", 200, "", 25*time.Millisecond+time.Nanosecond)
+	m.ServerRequestDone("edges", 200, "", 10*time.Second+time.Nanosecond)
 	s := scrape(t, p)
 	at := func(le string) float64 {
 		return value(t, s, "http_server_request_duration_seconds_bucket", map[string]string{"meshd_upstream": "edges", "le": le})
@@ -309,8 +309,8 @@ func TestDurationBucketEdges(t *testing.T) {
 func TestNegativeStatusIsNoStatus(t *testing.T) {
 	p, _ := newRecorded(t, Config{})
 	m := p.Metrics
-	m.ServerRequestDone("u", 0, time.Millisecond)
-	m.ServerRequestDone("u", -1, time.Millisecond)
+	m.ServerRequestDone("u", 0, "", time.Millisecond)
+	m.ServerRequestDone("u", -1, "", time.Millisecond)
 	m.RequestDone("u", "i", 0, time.Millisecond, "")
 	m.RequestDone("u", "i", -1, time.Millisecond, "")
 	s := scrape(t, p)
@@ -354,7 +354,7 @@ func TestForgottenSeriesLeaveTheScrape(t *testing.T) {
 			m.RequestDone(u, inst, 0, time.Millisecond, ErrTypeTimeout)
 			m.BreakerTransition(u, inst, "closed", "open")
 		}
-		m.ServerRequestDone(u, 200, time.Millisecond)
+		m.ServerRequestDone(u, 200, "", time.Millisecond)
 		m.DiscoveryUpdate(u, "consul", 2)
 		m.DiscoveryStale(u, true)
 	}

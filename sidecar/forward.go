@@ -1070,14 +1070,15 @@ func closeWrite(c any) {
 // pass the instance's circuit breaker and move on to another instance on
 // failure.
 func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, start time.Time) {
+	ctx, span := s.tel.StartServer(r.Context(), r, "")
 	cfg := s.cfg.Load()
 	if !cfg.Proxy.ConnectOn() {
-		s.reject(w, r, u, http.StatusMethodNotAllowed, "CONNECT is disabled (proxy.allow_connect)", start)
+		s.rejectTraced(ctx, span, w, r, u, http.StatusMethodNotAllowed, "CONNECT is disabled (proxy.allow_connect)", start)
 		return
 	}
 	snap := u.pool.Load()
 	if len(snap.Endpoints) == 0 {
-		s.reject(w, r, u, http.StatusBadGateway, "upstream "+quote(u.name)+" has no instances: "+snap.Reason, start)
+		s.rejectTraced(ctx, span, w, r, u, http.StatusBadGateway, "upstream "+quote(u.name)+" has no instances: "+snap.Reason, start)
 		return
 	}
 	g := u.guard
@@ -1120,14 +1121,14 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 			if lastErr != nil {
 				msg += ": " + lastErr.Error()
 			}
-			s.reject(w, r, u, http.StatusServiceUnavailable, msg, start)
+			s.rejectTraced(ctx, span, w, r, u, http.StatusServiceUnavailable, msg, start)
 			return
 		}
 		msg := "no instance of " + quote(u.name) + " accepted the tunnel"
 		if lastErr != nil {
 			msg += ": " + lastErr.Error()
 		}
-		s.reject(w, r, u, http.StatusBadGateway, msg, start)
+		s.rejectTraced(ctx, span, w, r, u, http.StatusBadGateway, msg, start)
 		return
 	}
 	defer backend.Close()
@@ -1135,9 +1136,11 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	defer ep.InFlight.Add(-1)
 	ep.Requests.Add(1)
 	ep.MarkPicked(preq.Now)
-	telemetry.AccessLog(s.accessLogger(), r.Context(), telemetry.Access{
+	telemetry.AccessLog(s.accessLogger(), ctx, telemetry.Access{
 		Upstream: u.name, Instance: ep.ID, Method: r.Method, Path: r.Host, Status: http.StatusOK, Duration: time.Since(start), Attempts: 1,
 	})
+	// The span lasts as long as the tunnel.
+	defer telemetry.EndServer(span, http.StatusOK, "")
 	if r.ProtoMajor == 1 {
 		conn, brw, err := http.NewResponseController(w).Hijack()
 		if err != nil {
@@ -1186,6 +1189,14 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 
 // reject answers a request that never reached an upstream's data path.
 func (s *Sidecar) reject(w http.ResponseWriter, r *http.Request, u *upstream, status int, msg string, start time.Time) {
+	// Every request meshd receives has its server span, refused ones too.
+	ctx, span := s.tel.StartServer(r.Context(), r, "")
+	s.rejectTraced(ctx, span, w, r, u, status, msg, start)
+}
+
+// rejectTraced is reject within a server span already started, which it
+// ends; its access line carries the span's IDs.
+func (s *Sidecar) rejectTraced(ctx context.Context, span trace.Span, w http.ResponseWriter, r *http.Request, u *upstream, status int, msg string, start time.Time) {
 	writeError(w, status, msg)
 	name := ""
 	if u != nil {
@@ -1194,7 +1205,12 @@ func (s *Sidecar) reject(w http.ResponseWriter, r *http.Request, u *upstream, st
 			u.errors.Add(1)
 		}
 	}
-	telemetry.AccessLog(s.accessLogger(), r.Context(), telemetry.Access{
+	errType := ""
+	if status >= 500 {
+		errType = strconv.Itoa(status)
+	}
+	telemetry.EndServer(span, status, errType)
+	telemetry.AccessLog(s.accessLogger(), ctx, telemetry.Access{
 		Upstream: name, Method: r.Method, Path: r.URL.Path, Status: status, Duration: time.Since(start), Err: msg,
 	})
 }

@@ -1,9 +1,11 @@
 package sidecar
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	neturl "net/url"
@@ -11,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
@@ -252,28 +255,7 @@ func TestCallerThatLeftHasNoStatusInSpansAndMetrics(t *testing.T) {
 		<-release
 	})
 	t.Cleanup(func() { close(release) }) // before the backend's Close, which waits for the handler
-	rec := tracetest.NewSpanRecorder()
-	tel, err := telemetry.NewTestProvider(rec, telemetry.Config{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s, err := New(cfg, testLogger(t), tel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(10 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
-	waitReady(t, s)
+	s, tel, rec := startTraced(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "GET", "http://svc/wait", nil)
 	go func() { <-arrived; cancel() }()
@@ -297,5 +279,98 @@ func TestCallerThatLeftHasNoStatusInSpansAndMetrics(t *testing.T) {
 				t.Errorf("server span of a caller that left: http.response.status_code %v, want none", a.Value.Emit())
 			}
 		}
+	}
+}
+
+// startTraced is start with every span recorded in rec, and metrics on.
+func startTraced(t *testing.T, yaml string) (*Sidecar, *telemetry.Provider, *tracetest.SpanRecorder) {
+	t.Helper()
+	rec := tracetest.NewSpanRecorder()
+	tel, err := telemetry.NewTestProvider(rec, telemetry.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := parseConfig(yaml)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), tel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(10 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	return s, tel, rec
+}
+
+// Every request meshd receives gets a server span, refused ones and
+// tunnels too, not only those forwarded.
+func TestRefusedAndTunnelledRequestsHaveSpans(t *testing.T) {
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	s, _, rec := startTraced(t, fmt.Sprintf("discovery: {static: {db: [%s]}}\nupstreams: {db: {}}\n", echo.Addr()))
+	resp, err := proxyClient(s).Get("http://nosuch/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	conn, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(conn, "CONNECT db:443 HTTP/1.1\r\nHost: db:443\r\n\r\n")
+	if resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "CONNECT"}); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	conn.Close()
+	statusOf := func(sp sdktrace.ReadOnlySpan) int64 {
+		for _, a := range sp.Attributes() {
+			if a.Key == "http.response.status_code" {
+				return a.Value.AsInt64()
+			}
+		}
+		return 0
+	}
+	waitFor(t, "the tunnel's span to end", func() bool {
+		for _, sp := range rec.Ended() {
+			if sp.Name() == "CONNECT" {
+				return true
+			}
+		}
+		return false
+	})
+	var refused, tunnel bool
+	for _, sp := range rec.Ended() {
+		if sp.SpanKind() != trace.SpanKindServer {
+			continue
+		}
+		switch {
+		case statusOf(sp) == http.StatusForbidden:
+			refused = true
+		case sp.Name() == "CONNECT" && statusOf(sp) == http.StatusOK:
+			tunnel = true
+		}
+	}
+	if !refused || !tunnel {
+		t.Errorf("server spans: refused 403 %v, tunnel %v; want both", refused, tunnel)
 	}
 }

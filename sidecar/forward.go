@@ -59,7 +59,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	ex := exchange{s: s, w: w, r: r, u: u, start: start, ctx: ctx}
 	defer func() {
 		telemetry.EndServer(span, ex.wire, ex.errType)
-		m.ServerRequestDone(u.name, ex.wire, ex.errType, time.Since(start))
+		m.ServerRequestDone(u.name, r.Method, ex.wire, ex.errType, time.Since(start))
 		if m != nil && u.retired.Load() {
 			u.settleMetrics("")
 		}
@@ -409,7 +409,7 @@ func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), 
 		ex.u.errors.Add(1)
 	}
 	telemetry.EndAttempt(aspan, status, kind)
-	m.RequestDone(ex.u.name, ep.ID, status, time.Since(t0), kind)
+	m.RequestDone(ex.u.name, ep.ID, ep.Address, ex.r.Method, status, time.Since(t0), kind)
 	if m != nil && (ex.u.pool.Load() != ex.snap || ex.u.retired.Load()) {
 		// The instance, or the upstream, may have left while the try ran.
 		ex.u.settleMetrics(ep.ID)

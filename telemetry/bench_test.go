@@ -76,13 +76,13 @@ func BenchmarkRequestDone(b *testing.B) {
 	}
 	defer p.Shutdown(context.Background())
 	m := p.Metrics
-	m.RequestDone("payments", "n1/p1", 200, time.Millisecond, "")
+	m.RequestDone("payments", "n1/p1", "", "GET", 200, time.Millisecond, "")
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
 			m.InFlight("payments", 1)
-			m.RequestDone("payments", "n1/p1", 200, 3*time.Millisecond, "")
-			m.ServerRequestDone("payments", 200, "", 3*time.Millisecond)
+			m.RequestDone("payments", "n1/p1", "", "GET", 200, 3*time.Millisecond, "")
+			m.ServerRequestDone("payments", "GET", 200, "", 3*time.Millisecond)
 			m.InFlight("payments", -1)
 		}
 	})

@@ -170,7 +170,7 @@ func TestSDKDisabled(t *testing.T) {
 	if p.Metrics != nil {
 		t.Error("Metrics: want nil (off) with the SDK disabled")
 	}
-	p.Metrics.RequestDone("u", "i", 200, time.Millisecond, "") // nil-safe
+	p.Metrics.RequestDone("u", "i", "", "GET", 200, time.Millisecond, "") // nil-safe
 	w := httptest.NewRecorder()
 	p.MetricsHandler.ServeHTTP(w, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	if w.Code != http.StatusNotFound {

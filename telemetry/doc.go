@@ -11,11 +11,11 @@
 //	    actx, span := p.StartAttempt(ctx, out, telemetry.Attempt{...}) // also injects trace headers into out
 //	    ... send ...
 //	    telemetry.EndAttempt(span, status, telemetry.ErrorType(err))
-//	    p.Metrics.RequestDone(upstream, instanceID, status, elapsed, errType)
+//	    p.Metrics.RequestDone(upstream, instanceID, addr, method, status, elapsed, errType)
 //	    telemetry.Retrying(srv, next, cause, backoff)    // when retrying
 //	}
 //	telemetry.EndServer(srv, status, errType)
-//	p.Metrics.ServerRequestDone(upstream, status, errType, total)
+//	p.Metrics.ServerRequestDone(upstream, method, status, errType, total)
 //	p.Metrics.InFlight(upstream, -1)
 //	telemetry.AccessLog(logger, ctx, telemetry.Access{...})
 //
@@ -163,14 +163,16 @@
 //
 //   - http_client_request_duration_seconds (histogram): how long each
 //     attempt to an instance took [meshd_upstream, meshd_instance_id,
-//     http_response_status_code, error_type].
+//     http_request_method (_OTHER for methods the conventions do not know),
+//     server_address, server_port, http_response_status_code, error_type].
 //   - meshd_requests_total (counter): attempts to instances by outcome
 //     [meshd_upstream, meshd_instance_id, meshd_status_class: 1xx..5xx,
 //     "error" when no response came back, "canceled" when the caller went
 //     away].
 //   - http_server_request_duration_seconds (histogram): how long requests
 //     the app sent took, retries included [meshd_upstream,
-//     http_response_status_code when one was sent, error_type for 5xx, or
+//     http_request_method, url_scheme, http_response_status_code when one
+//     was sent, error_type for 5xx, or
 //     canceled when the caller left before its answer (the access log
 //     says 499 for those; no 499 is ever sent)].
 //   - meshd_requests_in_flight (gauge): requests to an upstream being

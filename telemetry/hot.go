@@ -2,6 +2,7 @@ package telemetry
 
 import (
 	"math"
+	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -183,6 +184,19 @@ func (h *hotMetrics) request(k reqKey) reqSeries {
 	defer h.mu.Unlock()
 	return h.req.getOrAdd(k, func() reqSeries {
 		labels := prometheus.Labels{promName(AttrUpstream): k.upstream, promName(AttrInstanceID): k.instance}
+		if k.method != "" {
+			labels[promName(attrRequestMethod)] = k.method
+		}
+		if k.addr != "" {
+			host, port, err := net.SplitHostPort(k.addr)
+			if err != nil {
+				host, port = k.addr, ""
+			}
+			labels[promName(attrServerAddress)] = host
+			if port != "" {
+				labels[promName(attrServerPort)] = port
+			}
+		}
 		if k.status > 0 {
 			labels[promName(attrStatusCode)] = strconv.Itoa(k.status)
 		}
@@ -209,7 +223,10 @@ func (h *hotMetrics) request(k reqKey) reqSeries {
 
 func (h *hotMetrics) server(k srvKey) *hotHistogram {
 	return h.srv.getOrAdd(k, func() *hotHistogram {
-		labels := prometheus.Labels{promName(AttrUpstream): k.upstream}
+		labels := prometheus.Labels{promName(AttrUpstream): k.upstream, promName(attrURLScheme): "http"}
+		if k.method != "" {
+			labels[promName(attrRequestMethod)] = k.method
+		}
 		if k.status > 0 {
 			labels[promName(attrStatusCode)] = strconv.Itoa(k.status)
 		}
@@ -244,7 +261,8 @@ func (h *hotMetrics) forget(upstream, instance string) {
 // labelID is a canonical string for a label set.
 func labelID(l prometheus.Labels) string {
 	var b strings.Builder
-	for _, k := range []string{promName(AttrUpstream), promName(AttrInstanceID), promName(attrStatusCode), promName(attrErrorType)} {
+	// Upstream and instance first: forget matches on that prefix.
+	for _, k := range []string{promName(AttrUpstream), promName(AttrInstanceID), promName(attrRequestMethod), promName(attrServerAddress), promName(attrServerPort), promName(attrStatusCode), promName(attrErrorType)} {
 		b.WriteString(l[k])
 		b.WriteByte(0)
 	}

@@ -69,12 +69,14 @@ type Metrics struct {
 
 type reqKey struct {
 	upstream, instance string
+	addr, method       string // the instance's host:port; normalized method
 	status             int
 	errType            string
 }
 
 type srvKey struct {
 	upstream string
+	method   string // normalized
 	status   int
 	errType  string // only without a status
 }
@@ -156,17 +158,20 @@ func newInstruments(meter metric.Meter) (*Metrics, error) {
 	return m, nil
 }
 
-// RequestDone records one finished attempt to an instance: its duration in
-// http.client.request.duration (labels meshd.upstream, meshd.instance.id,
-// http.response.status_code when status > 0, error.type when errType is
-// set or status >= 400) and one count in meshd.requests (labels
-// meshd.upstream, meshd.instance.id, meshd.status_class: 1xx..5xx, or
-// "canceled" / "error" when no status was received).
-func (m *Metrics) RequestDone(upstream, instance string, status int, dur time.Duration, errType string) {
+// RequestDone records one finished attempt to an instance (at addr,
+// host:port) with method: its duration in http.client.request.duration
+// (labels meshd.upstream, meshd.instance.id, http.request.method,
+// server.address and server.port, http.response.status_code when status >
+// 0, error.type when errType is set or status >= 400) and one count in
+// meshd.requests (labels meshd.upstream, meshd.instance.id,
+// meshd.status_class: 1xx..5xx, or "canceled" / "error" when no status was
+// received). Methods the HTTP conventions do not know count as _OTHER.
+func (m *Metrics) RequestDone(upstream, instance, addr, method string, status int, dur time.Duration, errType string) {
 	if m == nil {
 		return
 	}
-	rs := m.hot.request(reqKey{upstream: upstream, instance: instance, status: max(status, 0), errType: errType})
+	method, _ = normalizeMethod(method)
+	rs := m.hot.request(reqKey{upstream: upstream, instance: instance, addr: addr, method: method, status: max(status, 0), errType: errType})
 	rs.dur.observe(dur)
 	rs.cnt.n.Add(1)
 }
@@ -191,10 +196,11 @@ func statusClass(status int, errType string) string {
 
 // ServerRequestDone records one finished request meshd received for
 // upstream in http.server.request.duration (labels meshd.upstream,
-// http.response.status_code when a status was sent (status > 0), error.type
-// when a status of 500 or more was sent or, with no status sent, errType,
-// such as canceled for a caller that left).
-func (m *Metrics) ServerRequestDone(upstream string, status int, errType string, dur time.Duration) {
+// http.request.method, url.scheme, http.response.status_code when a status
+// was sent (status > 0), error.type when a status of 500 or more was sent
+// or, with no status sent, errType, such as canceled for a caller that
+// left).
+func (m *Metrics) ServerRequestDone(upstream, method string, status int, errType string, dur time.Duration) {
 	if m == nil {
 		return
 	}
@@ -204,7 +210,8 @@ func (m *Metrics) ServerRequestDone(upstream string, status int, errType string,
 	if status > 0 {
 		errType = "" // the status says it
 	}
-	m.hot.server(srvKey{upstream: upstream, status: status, errType: errType}).observe(dur)
+	method, _ = normalizeMethod(method)
+	m.hot.server(srvKey{upstream: upstream, method: method, status: status, errType: errType}).observe(dur)
 }
 
 // InFlight adds delta (+1 when a request to upstream starts, -1 when it

@@ -103,13 +103,13 @@ func labelString(m map[string]string) string {
 func TestMetricsExposition(t *testing.T) {
 	p, _ := newRecorded(t, Config{})
 	m := p.Metrics
-	m.RequestDone("payments", "n1/p1", 200, 20*time.Millisecond, "")
-	m.RequestDone("payments", "n1/p1", 200, 40*time.Millisecond, "")
-	m.RequestDone("payments", "n1/p1", 503, 300*time.Millisecond, "")
-	m.RequestDone("payments", "n2/p2", 0, 2*time.Second, ErrTypeTimeout)
-	m.RequestDone("payments", "n2/p2", 0, time.Millisecond, ErrTypeCanceled)
-	m.ServerRequestDone("payments", 200, "", 60*time.Millisecond)
-	m.ServerRequestDone("payments", 502, "", 10*time.Millisecond)
+	m.RequestDone("payments", "n1/p1", "", "GET", 200, 20*time.Millisecond, "")
+	m.RequestDone("payments", "n1/p1", "", "GET", 200, 40*time.Millisecond, "")
+	m.RequestDone("payments", "n1/p1", "", "GET", 503, 300*time.Millisecond, "")
+	m.RequestDone("payments", "n2/p2", "", "GET", 0, 2*time.Second, ErrTypeTimeout)
+	m.RequestDone("payments", "n2/p2", "", "GET", 0, time.Millisecond, ErrTypeCanceled)
+	m.ServerRequestDone("payments", "GET", 200, "", 60*time.Millisecond)
+	m.ServerRequestDone("payments", "GET", 502, "", 10*time.Millisecond)
 	m.InFlight("payments", 1)
 	m.InFlight("payments", 1)
 	m.InFlight("payments", -1)
@@ -200,9 +200,9 @@ func TestMetricsConcurrent(t *testing.T) {
 			inst := "i" + strconv.Itoa(w%3)
 			for i := range per {
 				p.Metrics.InFlight("payments", 1)
-				p.Metrics.RequestDone("payments", inst, 200+100*(i%4), time.Millisecond, "")
+				p.Metrics.RequestDone("payments", inst, "", "GET", 200+100*(i%4), time.Millisecond, "")
 				p.Metrics.Retry("payments", "503")
-				p.Metrics.ServerRequestDone("payments", 200, "", time.Millisecond)
+				p.Metrics.ServerRequestDone("payments", "GET", 200, "", time.Millisecond)
 				p.Metrics.InFlight("payments", -1)
 			}
 		}()
@@ -228,8 +228,8 @@ func TestMetricsConcurrent(t *testing.T) {
 
 func TestNilMetricsAreNoOps(t *testing.T) {
 	var m *Metrics
-	m.RequestDone("u", "i", 200, time.Millisecond, "")
-	m.ServerRequestDone("u", 200, "", time.Millisecond)
+	m.RequestDone("u", "i", "", "GET", 200, time.Millisecond, "")
+	m.ServerRequestDone("u", "GET", 200, "", time.Millisecond)
 	m.InFlight("u", 1)
 	m.Retry("u", "503")
 	m.BreakerTransition("u", "i", "closed", "open")
@@ -286,9 +286,9 @@ func TestBreakerStateValue(t *testing.T) {
 func TestDurationBucketEdges(t *testing.T) {
 	p, _ := newRecorded(t, Config{})
 	m := p.Metrics
-	m.ServerRequestDone("edges", 200, "", 25*time.Millisecond)
-	m.ServerRequestDone("edges", 200, "", 25*time.Millisecond+time.Nanosecond)
-	m.ServerRequestDone("edges", 200, "", 10*time.Second+time.Nanosecond)
+	m.ServerRequestDone("edges", "GET", 200, "", 25*time.Millisecond)
+	m.ServerRequestDone("edges", "GET", 200, "", 25*time.Millisecond+time.Nanosecond)
+	m.ServerRequestDone("edges", "GET", 200, "", 10*time.Second+time.Nanosecond)
 	s := scrape(t, p)
 	at := func(le string) float64 {
 		return value(t, s, "http_server_request_duration_seconds_bucket", map[string]string{"meshd_upstream": "edges", "le": le})
@@ -309,10 +309,10 @@ func TestDurationBucketEdges(t *testing.T) {
 func TestNegativeStatusIsNoStatus(t *testing.T) {
 	p, _ := newRecorded(t, Config{})
 	m := p.Metrics
-	m.ServerRequestDone("u", 0, "", time.Millisecond)
-	m.ServerRequestDone("u", -1, "", time.Millisecond)
-	m.RequestDone("u", "i", 0, time.Millisecond, "")
-	m.RequestDone("u", "i", -1, time.Millisecond, "")
+	m.ServerRequestDone("u", "GET", 0, "", time.Millisecond)
+	m.ServerRequestDone("u", "GET", -1, "", time.Millisecond)
+	m.RequestDone("u", "i", "", "GET", 0, time.Millisecond, "")
+	m.RequestDone("u", "i", "", "GET", -1, time.Millisecond, "")
 	s := scrape(t, p)
 	if have := value(t, s, "http_server_request_duration_seconds_count", map[string]string{"meshd_upstream": "u"}); have != 2 {
 		t.Errorf("server count: want 2, have %v", have)
@@ -350,11 +350,11 @@ func TestForgottenSeriesLeaveTheScrape(t *testing.T) {
 	m := p.Metrics
 	for _, u := range []string{"payments", "orders"} {
 		for _, inst := range []string{"n1/p1", "n2/p2"} {
-			m.RequestDone(u, inst, 200, time.Millisecond, "")
-			m.RequestDone(u, inst, 0, time.Millisecond, ErrTypeTimeout)
+			m.RequestDone(u, inst, "", "GET", 200, time.Millisecond, "")
+			m.RequestDone(u, inst, "", "GET", 0, time.Millisecond, ErrTypeTimeout)
 			m.BreakerTransition(u, inst, "closed", "open")
 		}
-		m.ServerRequestDone(u, 200, "", time.Millisecond)
+		m.ServerRequestDone(u, "GET", 200, "", time.Millisecond)
 		m.DiscoveryUpdate(u, "consul", 2)
 		m.DiscoveryStale(u, true)
 	}
@@ -377,7 +377,7 @@ func TestForgottenSeriesLeaveTheScrape(t *testing.T) {
 		}
 	}
 	// Recording again brings the instance back, from zero.
-	m.RequestDone("payments", "n1/p1", 200, time.Millisecond, "")
+	m.RequestDone("payments", "n1/p1", "", "GET", 200, time.Millisecond, "")
 	s = scrape(t, p)
 	if have := value(t, s, "meshd_requests_total", map[string]string{"meshd_upstream": "payments", "meshd_instance_id": "n1/p1", "meshd_status_class": "2xx"}); have != 1 {
 		t.Errorf("meshd_requests_total after coming back: want 1, have %v", have)
@@ -417,7 +417,7 @@ func TestForgetRacingRecords(t *testing.T) {
 					return
 				default:
 				}
-				m.RequestDone("u", insts[(w+i)%len(insts)], 200+i%3, time.Millisecond, "")
+				m.RequestDone("u", insts[(w+i)%len(insts)], "", "GET", 200+i%3, time.Millisecond, "")
 			}
 		}()
 	}
@@ -428,7 +428,7 @@ func TestForgetRacingRecords(t *testing.T) {
 	wg.Wait()
 	for _, in := range insts {
 		for st := 200; st < 203; st++ {
-			m.RequestDone("u", in, st, time.Millisecond, "")
+			m.RequestDone("u", in, "", "GET", st, time.Millisecond, "")
 		}
 	}
 	s := scrape(t, p)
@@ -439,5 +439,32 @@ func TestForgetRacingRecords(t *testing.T) {
 				t.Errorf("instance %s status %d: recorded after the churn, but not in the scrape", in, st)
 			}
 		}
+	}
+}
+
+// The two semconv-named histograms carry the attributes the HTTP
+// conventions require: the method (unknown ones as _OTHER) on both, the
+// instance's address and port on the client one, the scheme on the server
+// one; series differing only in them stay apart.
+func TestHTTPDurationsCarryRequiredAttributes(t *testing.T) {
+	p, _ := newRecorded(t, Config{})
+	m := p.Metrics
+	m.RequestDone("payments", "n1/p1", "10.0.0.7:9001", "GET", 200, time.Millisecond, "")
+	m.RequestDone("payments", "n1/p1", "10.0.0.7:9001", "POST", 200, time.Millisecond, "")
+	m.RequestDone("payments", "n1/p1", "10.0.0.7:9001", "POST", 200, time.Millisecond, "")
+	m.ServerRequestDone("payments", "BREW", 200, "", time.Millisecond)
+	s := scrape(t, p)
+	client := map[string]string{"meshd_upstream": "payments", "server_address": "10.0.0.7", "server_port": "9001"}
+	for method, want := range map[string]float64{"GET": 1, "POST": 2} {
+		labels := map[string]string{"http_request_method": method}
+		for k, v := range client {
+			labels[k] = v
+		}
+		if have := value(t, s, "http_client_request_duration_seconds_count", labels); have != want {
+			t.Errorf("client duration %v: want %v, have %v", labels, want, have)
+		}
+	}
+	if have := value(t, s, "http_server_request_duration_seconds_count", map[string]string{"http_request_method": "_OTHER", "url_scheme": "http"}); have != 1 {
+		t.Errorf("server duration for an unknown method: want 1 under _OTHER with url_scheme http, have %v", have)
 	}
 }

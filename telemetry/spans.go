@@ -46,6 +46,9 @@ const (
 	attrErrorType     = semconv.ErrorTypeKey
 	attrStatusCode    = semconv.HTTPResponseStatusCodeKey
 	attrRequestMethod = semconv.HTTPRequestMethodKey
+	attrServerAddress = semconv.ServerAddressKey
+	attrServerPort    = semconv.ServerPortKey
+	attrURLScheme     = semconv.URLSchemeKey
 )
 
 // Span event names.

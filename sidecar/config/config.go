@@ -636,6 +636,32 @@ func (c *Config) validate(d *decoder) {
 			at(p+".discovery", "want static or consul, have %q", u.Discovery)
 		}
 		checkListen(p+".listen", u.Listen, false)
+		// A 0 written out where 0 stands for "the default" would silently
+		// become that default; it is more likely meant as "off".
+		for _, z := range []struct {
+			key   string
+			isSet bool
+			def   any
+		}{
+			{"breaker.consecutive_failures", u.Breaker.ConsecutiveFailures == 0, "5"},
+			{"breaker.min_requests", u.Breaker.MinRequests == 0, "20"},
+			{"breaker.window", u.Breaker.Window == 0, "10s"},
+			{"breaker.open_for", u.Breaker.OpenFor == 0, "5s"},
+			{"breaker.open_multiplier", u.Breaker.OpenMultiplier == 0, "2"},
+			{"breaker.open_max", u.Breaker.OpenMax == 0, "60s"},
+			{"breaker.half_open_probes", u.Breaker.HalfOpenProbes == 0, "1"},
+			{"retry.attempts", u.Retry.Attempts == 0, "3 (1 means no retry)"},
+			{"retry.backoff_base", u.Retry.BackoffBase == 0, "25ms"},
+			{"retry.backoff_max", u.Retry.BackoffMax == 0, "250ms"},
+			{"retry.buffer_body", u.Retry.BufferBody == 0, "65536"},
+			{"timeouts.connect", u.Timeouts.Connect == 0, "1s"},
+			{"timeouts.response_header", u.Timeouts.ResponseHeader == 0, "15s"},
+		} {
+			key := p + "." + z.key
+			if _, written := d.lines[key]; written && z.isSet {
+				at(key, "0 here is read as the default, %v: write the value meant, or leave the key out", z.def)
+			}
+		}
 		if u.Timeout != 0 && u.Timeouts.Request != u.Timeout {
 			at(p+".timeout", "timeout is short for timeouts.request, and they disagree (%s, %s): keep one", u.Timeout, u.Timeouts.Request)
 		}

@@ -70,9 +70,12 @@ upstreams:
 
 func TestUnknownAndEmptyUpstreams(t *testing.T) {
 	s := start(t, `
-discovery: {static: {empty: []}}
+discovery: {static: {empty: [127.0.0.1:1]}}
 upstreams: {empty: {}}
 `)
+	// A catalog may not list a service with no instance (config refuses
+	// it); discovery can still leave an upstream with none, as Consul does.
+	s.lookup("empty").pool.Update(nil, "")
 	c := proxyClient(s)
 	resp, err := c.Get("http://inventory/")
 	if err != nil {

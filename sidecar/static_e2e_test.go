@@ -207,6 +207,8 @@ func TestStaticCatalogFileRefusesWhatLoadRefuses(t *testing.T) {
 		{"duplicate", "payments: [" + b2.addr() + "]\norders: [" + b2.addr() + "]\n", `service \"orders\" is in both discovery.static and ` + catalog},
 		{"upstream left without instances", "inventory: [" + b2.addr() + "]\n", `upstreams.payments: no instances`},
 		{"empty", "", `upstreams.payments: no instances`},
+		{"service emptied", "payments: []\n", `payments: lists no instance`},
+		{"service key alone", "payments:\n", `payments: lists no instance`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			off := len(logs.String())

@@ -431,8 +431,10 @@ func (c *Config) StaticWithFile(data []byte) (map[string][]StaticEntry, error) {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		if _, ok := merged[n]; !ok {
+		if in, ok := merged[n]; !ok {
 			d.fail(nil, "upstreams."+n, "no instances: %q is not in %s nor in discovery.static", n, p)
+		} else if len(in) == 0 {
+			d.fail(nil, "upstreams."+n, "no instances: %q is listed in %s or discovery.static with none", n, p)
 		}
 	}
 	if len(d.errs) > 0 {
@@ -625,8 +627,10 @@ func (c *Config) validate(d *decoder) {
 		}
 		switch u.Discovery {
 		case "static":
-			if _, ok := c.Static[name]; !ok {
+			if in, ok := c.Static[name]; !ok {
 				at(p, "no instances: %q is not in the static catalog and no discovery.consul is configured", name)
+			} else if len(in) == 0 {
+				at("discovery.static."+name, "no instances: the static upstream %q lists none", name)
 			}
 		case "consul":
 			if c.Discovery.Consul == nil {
@@ -793,6 +797,12 @@ func validateStatic(d *decoder, m map[string][]StaticEntry, prefix string) {
 		p := join(prefix, name)
 		if !upstreamName.MatchString(name) {
 			d.fail(nil, p, "service names are lower-case letters, digits, '-' and '_' (hosts are matched in lower case), have %q", name)
+			d.errs[len(d.errs)-1].Line = d.lines[p]
+		}
+		if len(m[name]) == 0 {
+			// Routing to it could only fail: refused here, an edit of the
+			// catalog file that empties a service is refused and logged.
+			d.fail(nil, p, "lists no instance: give %q one, or remove it", name)
 			d.errs[len(d.errs)-1].Line = d.lines[p]
 		}
 		ids := map[string]bool{}

@@ -99,6 +99,7 @@ func TestEveryValidationError(t *testing.T) {
 		{"timeout twice", base + "upstreams:\n  payments:\n    timeout: 2s\n    timeouts: {request: 5s}\n", "upstreams.payments.timeout", "disagree", 6},
 		{"explicit zero read as the default", base + "upstreams:\n  payments:\n    retry: {attempts: 0}\n", "upstreams.payments.retry.attempts", "read as the default", 6},
 		{"explicit zero timeout", base + "upstreams:\n  payments:\n    timeouts: {response_header: 0s}\n", "upstreams.payments.timeouts.response_header", "read as the default", 6},
+		{"static upstream with no instance", "discovery:\n  static:\n    payments: []\nupstreams:\n  payments: {}\n", "discovery.static.payments", "lists none", 3},
 		{"second document", "discovery:\n  static:\n    payments: [127.0.0.1:1]\n---\nupstreams: {bogus: {}}\n", "", "second YAML document", 4},
 		{"static zero weight", "discovery:\n  static:\n    payments: [{address: 127.0.0.1:1, weight: 0}]\n", "discovery.static.payments[0].weight", "at least 1", 3},
 		{"static weight not a number", "discovery:\n  static:\n    payments: [{address: 127.0.0.1:1, weight: heavy}]\n", "discovery.static.payments[0].weight", "whole number", 3},

@@ -60,6 +60,11 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	defer func() {
 		telemetry.EndServer(span, ex.wire, ex.errType)
 		m.ServerRequestDone(u.name, r.Method, ex.wire, ex.errType, time.Since(start))
+		if ex.wire >= 500 || ex.errType != "" && ex.errType != telemetry.ErrTypeCanceled && ex.wire < 400 {
+			// Once per request, however many tries failed: a 5xx sent, or
+			// an answer that broke off.
+			u.errors.Add(1)
+		}
 		if m != nil && u.retired.Load() {
 			u.settleMetrics("")
 		}
@@ -406,7 +411,6 @@ func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), 
 	}
 	if o.Failure() {
 		ep.Failures.Add(1)
-		ex.u.errors.Add(1)
 	}
 	telemetry.EndAttempt(aspan, status, kind)
 	m.RequestDone(ex.u.name, ep.ID, ep.Address, ex.r.Method, status, time.Since(t0), kind)
@@ -487,9 +491,6 @@ func (ex *exchange) fail(status int, errType, msg string) {
 	}
 	writeError(ex.w, status, msg)
 	ex.wire = status
-	if status >= 500 {
-		ex.u.errors.Add(1)
-	}
 }
 
 // budgetOver reports whether the request's budget has ended, by the clock:

@@ -1483,3 +1483,23 @@ func TestUnavailableWhy(t *testing.T) {
 		}
 	}
 }
+
+// /upstreams counts an upstream's errors once per request, however many
+// of its tries failed.
+func TestUpstreamErrorsCountRequests(t *testing.T) {
+	dead1, dead2, dead3 := rzClosedAddr(t), rzClosedAddr(t), rzClosedAddr(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s, %s, %s]}}\nupstreams: {svc: {breaker: {disabled: true}, retry: {backoff_base: 1ms, backoff_max: 1ms}}}\n", dead1, dead2, dead3))
+	c := rzClient(s, 1)
+	st, body, err := rzDo(context.Background(), c, "GET", "http://svc/", "", nil)
+	if err != nil || st != http.StatusBadGateway {
+		t.Fatalf("want 502, have %d %q %v", st, body, err)
+	}
+	u := status(t, s, "svc")
+	var tries uint64
+	for _, in := range u.Instances {
+		tries += in.Failures
+	}
+	if u.Requests != 1 || u.Errors != 1 || tries < 2 {
+		t.Errorf("want 1 request, 1 error over %d failed tries (at least 2), have requests %d errors %d", tries, u.Requests, u.Errors)
+	}
+}

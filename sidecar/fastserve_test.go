@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -316,5 +317,46 @@ func TestSignedContentLengthIsRefused(t *testing.T) {
 	io.WriteString(c, "POST / HTTP/1.1\r\nHost: p\r\nContent-Length: +3\r\n\r\nabc")
 	if resp, body := readResp(t, br, "POST"); resp.StatusCode != http.StatusBadRequest {
 		t.Errorf("Content-Length: +3: want 400, have %d %q (instance reached %d times)", resp.StatusCode, body, b.hits.Load())
+	}
+}
+
+// While requests drain, the admin listener stays up and /ready says 503
+// "shutting down", as documented, instead of refusing connections.
+func TestReadyDuringDrainIs503(t *testing.T) {
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	let := func() { once.Do(func() { close(release) }) }
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		close(arrived)
+		<-release
+		io.WriteString(w, "ok")
+	})
+	t.Cleanup(let) // before the backend's Close, which waits for the handler
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", b.addr()))
+	admin := "http://" + s.Addr("admin") + "/ready"
+	c, br := rawConn(t, s)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: p\r\n\r\n")
+	<-arrived
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done <- s.Shutdown(ctx)
+	}()
+	waitFor(t, "the drain to begin", func() bool { return s.draining.Load() })
+	if resp, err := http.Get(admin); err != nil {
+		t.Errorf("/ready during the drain: %v", err)
+	} else if body := readAll(t, resp); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "shutting down") {
+		t.Errorf("/ready during the drain: want 503 shutting down, have %d %q", resp.StatusCode, body)
+	}
+	let()
+	if _, body := readResp(t, br, "GET"); body != "ok" {
+		t.Errorf("the request in flight: %q", body)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("shutdown: %v", err)
+	}
+	if _, err := http.Get(admin); err == nil {
+		t.Error("/ready after shutdown: want the admin listener closed")
 	}
 }

@@ -440,15 +440,22 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 	}
 	s.draining.Store(true)
 	s.deregister(ctx)
-	// Stop accepting everywhere before saying so; the drain below then
-	// waits for the connections already open.
-	for _, l := range s.listeners {
-		l.ln.Close()
+	// Stop accepting on the data listeners before saying so; the drain
+	// below then waits for the connections already open. The admin
+	// listener stays up until they have drained, so that /ready answers
+	// 503 "shutting down" meanwhile instead of refusing connections.
+	for key, l := range s.listeners {
+		if key != "admin" {
+			l.ln.Close()
+		}
 	}
 	s.log.Info("draining", "listeners", len(s.listeners))
 	var wg sync.WaitGroup
 	var cut atomic.Bool
-	for _, l := range s.listeners {
+	for key, l := range s.listeners {
+		if key == "admin" {
+			continue
+		}
 		wg.Add(1)
 		go func(l *listener) {
 			defer wg.Done()
@@ -471,6 +478,12 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		}
 		s.tunnelMu.Unlock()
 		<-tunnelsDone
+	}
+	if a := s.listeners["admin"]; a != nil {
+		a.ln.Close()
+		if err := a.shutdown(ctx); err != nil {
+			a.close() // a scrape or profile still running: not a request cut
+		}
 	}
 	s.cancel()
 	for _, u := range *s.upstreams.Load() {

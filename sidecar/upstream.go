@@ -266,9 +266,12 @@ func (u *upstream) stop() {
 
 // inboundSettings are the settings toward the local app. Retries are off:
 // the callers' sidecars already retry, and the app is a single instance, so
-// retrying here would only multiply the load on it.
+// retrying here would only multiply the load on it. Nor is there a
+// response-header timeout: a slow endpoint of the app (a report, a long
+// poll) is waited on as long as the caller's budget (X-Meshd-Timeout, set
+// by its sidecar) allows.
 func inboundSettings() config.Upstream {
-	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost, Retry: config.Retry{Disabled: true}}
+	return config.Upstream{MaxIdlePerInstance: config.DefaultMaxIdlePerHost, Retry: config.Retry{Disabled: true}, WaitForAnswer: true}
 }
 
 // newUpstream makes an upstream whose pool hands every new instance to a

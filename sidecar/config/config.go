@@ -175,6 +175,10 @@ type Upstream struct {
 	MaxIdlePerInstance int `yaml:"max_idle_per_instance"`
 	// MaxConnsPerInstance bounds all connections per instance; 0 = no limit.
 	MaxConnsPerInstance int `yaml:"max_conns_per_instance"`
+	// WaitForAnswer, set by meshd for the inbound upstream (not in YAML),
+	// drops the response-header timeout: the local app is waited on as
+	// long as the caller's budget allows, which its sidecar sets.
+	WaitForAnswer bool `yaml:"-"`
 }
 
 // Balance selects the algorithm.

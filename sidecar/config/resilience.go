@@ -88,6 +88,9 @@ func (u Upstream) Resilience() resilience.Config {
 	if t.PerTry != 0 {
 		rc.Timeouts.PerTry = t.PerTry
 	}
+	if u.WaitForAnswer {
+		rc.Timeouts.ResponseHeader = 0
+	}
 	if t.Header != "" {
 		rc.Timeouts.Header = t.Header
 	}

@@ -123,7 +123,9 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	}
 	peer := remoteIP(r)
 	if cfg.Proxy.XForwardedOn() {
-		setForwarded(hdr, r, peer)
+		// The local app's own X-Forwarded-Proto is kept; a remote
+		// caller's, on the inbound listener, is not: meshd knows the hop.
+		setForwarded(hdr, r, peer, u.inboundAddr == "")
 	}
 	clientIP := peer
 	if cfg.Proxy.TrustForwardedFor {
@@ -1247,9 +1249,10 @@ func firstForwarded(h http.Header) (netip.Addr, bool) {
 	return ip.Unmap(), true
 }
 
-// setForwarded appends the peer to X-Forwarded-For and sets X-Forwarded-Proto
-// when the app did not.
-func setForwarded(h http.Header, r *http.Request, peer netip.Addr) {
+// setForwarded appends the peer to X-Forwarded-For and sets X-Forwarded-Proto,
+// keeping one the caller set only when keepProto (the caller is the local
+// app).
+func setForwarded(h http.Header, r *http.Request, peer netip.Addr, keepProto bool) {
 	if peer.IsValid() {
 		ip := peerHost(r.RemoteAddr)
 		if prior := r.Header["X-Forwarded-For"]; len(prior) > 0 {
@@ -1257,7 +1260,7 @@ func setForwarded(h http.Header, r *http.Request, peer netip.Addr) {
 		}
 		h["X-Forwarded-For"] = []string{ip}
 	}
-	if _, ok := h["X-Forwarded-Proto"]; !ok {
+	if _, ok := h["X-Forwarded-Proto"]; !ok || !keepProto {
 		if r.TLS != nil {
 			h["X-Forwarded-Proto"] = protoHTTPS
 		} else {

@@ -680,3 +680,56 @@ func TestUploadsStreamBothWays(t *testing.T) {
 		}
 	})
 }
+
+// The inbound waits on the local app as long as the caller's budget allows:
+// no response-header timeout of its own (15s for upstreams), which would
+// cut a slow endpoint of the app (a report, a long poll) whatever the
+// caller set.
+func TestInboundHasNoHeaderTimeoutOfItsOwn(t *testing.T) {
+	app := newBackend(t, "app", nil)
+	_, port, _ := net.SplitHostPort(app.addr())
+	s := start(t, fmt.Sprintf("listen: {inbound: 127.0.0.1:0}\nservice: {name: orders, port: %s}\n", port))
+	if _, err := http.Get("http://" + s.Addr("inbound") + "/"); err != nil {
+		t.Fatal(err)
+	}
+	u := s.inbound.Load()
+	if u == nil {
+		t.Fatal("no inbound upstream after a request")
+	}
+	if rh := u.guard.Config().Timeouts.ResponseHeader; rh != 0 {
+		t.Errorf("inbound guard: response_header %v, want none", rh)
+	}
+	if rh := u.settings.Load().transport.std.ResponseHeaderTimeout; rh != 0 {
+		t.Errorf("inbound transport: ResponseHeaderTimeout %v, want none", rh)
+	}
+}
+
+// On the inbound listener the caller is remote: its X-Forwarded-Proto is
+// not passed on to the app (meshd knows the hop was plain HTTP), while the
+// local app's own, on the outbound side, is kept.
+func TestInboundSetsForwardedProto(t *testing.T) {
+	seen := make(chan string, 2)
+	app := newBackend(t, "app", func(w http.ResponseWriter, r *http.Request) { seen <- r.Header.Get("X-Forwarded-Proto") })
+	_, port, _ := net.SplitHostPort(app.addr())
+	s := start(t, fmt.Sprintf("listen: {inbound: 127.0.0.1:0}\nservice: {name: orders, port: %s}\ndiscovery: {static: {orders: [%s]}}\nupstreams: {orders: {}}\n", port, app.addr()))
+	req, _ := http.NewRequest("GET", "http://"+s.Addr("inbound")+"/", nil)
+	req.Header.Set("X-Forwarded-Proto", "https")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	if have := <-seen; have != "http" {
+		t.Errorf("inbound: want X-Forwarded-Proto http, have %q", have)
+	}
+	req, _ = http.NewRequest("GET", "http://orders/", nil)
+	req.Header.Set("X-Forwarded-Proto", "https")
+	resp, err = proxyClient(s).Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readAll(t, resp)
+	if have := <-seen; have != "https" {
+		t.Errorf("outbound: want the app's X-Forwarded-Proto https kept, have %q", have)
+	}
+}

@@ -251,7 +251,16 @@ report=$work/report.md
   # Any answer meshd gave other than 200, by status, from its own metrics:
   # wrk only counts them, meshd says which they were.
   if [[ " $TARGETS " == *" meshd "* ]]; then
-    odd=$(curl -fs http://127.0.0.1:18093/metrics | awk '/^http_server_request_duration_seconds_count/ && !/status_code="200"/ {match($0, /status_code="[0-9]+"/); printf "%s %s; ", substr($0, RSTART + 13, RLENGTH - 14), $2}')
+    # (With metrics off, as in the telemetry bench, there is nothing to read.)
+    if metrics=$(curl -fs http://127.0.0.1:18093/metrics); then
+      odd=$(echo "$metrics" | awk '/^http_server_request_duration_seconds_count/ && !/status_code="200"/ {
+        if (match($0, /status_code="[0-9]+"/)) k = substr($0, RSTART + 13, RLENGTH - 14)
+        else if (match($0, /error_type="[^"]+"/)) k = substr($0, RSTART + 12, RLENGTH - 13)
+        else k = "none"
+        n[k] += $2 } END { for (k in n) printf "%s %s; ", k, n[k] }')
+    else
+      odd="unknown (metrics off)"
+    fi
     echo
     echo "meshd's answers other than 200 over the whole run (status count): ${odd:-none}"
   fi

@@ -1091,6 +1091,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	var ep *balance.Endpoint
 	var lastErr error
 	dialed := false // an instance was dialled (and failed), not only unavailable
+	tries := 0
 	for i := 0; i < len(snap.Endpoints) && i < max(rc.Retry.Attempts, 1) && backend == nil; i++ {
 		preq.Now = time.Now().UnixNano()
 		preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
@@ -1110,6 +1111,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 		o := g.Classify(r.Context(), err, 0)
 		done(o)
 		dialed = true
+		tries++
 		if err != nil {
 			e.Failures.Add(1)
 			lastErr = err
@@ -1140,7 +1142,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	ep.Requests.Add(1)
 	ep.MarkPicked(preq.Now)
 	telemetry.AccessLog(s.accessLogger(), ctx, telemetry.Access{
-		Upstream: u.name, Instance: ep.ID, Method: r.Method, Path: r.Host, Status: http.StatusOK, Duration: time.Since(start), Attempts: 1,
+		Upstream: u.name, Instance: ep.ID, Method: r.Method, Path: r.Host, Status: http.StatusOK, Duration: time.Since(start), Attempts: tries,
 	})
 	// The span lasts as long as the tunnel.
 	defer telemetry.EndServer(span, http.StatusOK, "")

@@ -733,3 +733,40 @@ func TestInboundSetsForwardedProto(t *testing.T) {
 		t.Errorf("outbound: want the app's X-Forwarded-Proto https kept, have %q", have)
 	}
 }
+
+// A tunnel's access line counts the instances it dialled.
+func TestConnectAccessLineCountsTries(t *testing.T) {
+	dead := rzClosedAddr(t)
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); io.Copy(c, c) }()
+		}
+	}()
+	logs := &syncBuf{}
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {db: [%s, %s]}}\nupstreams: {db: {balance: {algorithm: round_robin}}}\n", dead, echo.Addr()), logs)
+	for i := 0; i < 2; i++ { // round robin: one of the two starts with the dead instance
+		conn, err := net.Dial("tcp", s.Addr("outbound"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprint(conn, "CONNECT db:443 HTTP/1.1\r\nHost: db:443\r\n\r\n")
+		if resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "CONNECT"}); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("CONNECT %d: %v %v", i, resp, err)
+		}
+		conn.Close()
+	}
+	waitFor(t, "two access lines", func() bool { return strings.Count(logs.String(), "method=CONNECT") == 2 })
+	// Round robin puts the dead instance first for at least one of them.
+	if l := logs.String(); !strings.Contains(l, "attempts=2") {
+		t.Errorf("want a tunnel line with attempts=2 (the dead instance, then the live one):\n%s", l)
+	}
+}

@@ -285,15 +285,19 @@ func TestStaticCatalogFileUnsettledContentIsNotApplied(t *testing.T) {
 	catalog := filepath.Join(t.TempDir(), "catalog.yaml")
 	os.WriteFile(catalog, []byte("payments: ["+b1.addr()+"]\n"), 0o644)
 	var once sync.Once
+	polls := newPollCounter()
 	fastStaticPoll(t, func() {
 		// The watcher has read the half-written file; the writer finishes.
 		once.Do(func() { os.WriteFile(catalog, []byte("payments: ["+b1.addr()+", "+b2.addr()+"]\n"), 0o644) })
-	}, nil)
+	}, polls.polled)
 	logs := &syncBuf{}
 	s := startLogged(t, fmt.Sprintf("discovery: {static: {orders: [%s]}, static_file: %s}\nupstreams: {payments: {}}\n", b1.addr(), catalog), logs)
 	// Half-written: parses, and would be accepted on its own.
 	os.WriteFile(catalog, []byte("payments: ["+b2.addr()+"]\n"), 0o644)
 	waitFor(t, "the finished file to be applied", func() bool { return len(catalogAddrs(s, "payments")) == 2 })
+	// The poll that applied it logs after the swap: let it, and one more,
+	// finish before counting.
+	polls.await(t, 2)
 	if n := strings.Count(logs.String(), "static catalog file reloaded"); n != 1 {
 		t.Fatalf("want the finished file applied once and nothing else, have %d reloads:\n%s", n, logs.String())
 	}

@@ -385,9 +385,26 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		c.close()
 		return nil, err
 	}
+	c.watch(req)
+	if err := c.writeRequest(req); err != nil {
+		var bre *bodyReadError
+		if c.reused && isClosedErr(err) && !errors.As(err, &bre) {
+			return c.fail(req, errStale)
+		}
+		return c.fail(req, err)
+	}
+	if hook := testHookWritten.Load(); hook != nil {
+		(*hook)(c)
+	}
+	return c.await(req, time.Now())
+}
+
+// watch makes the exchange of req end when its context does.
+func (c *conn) watch(req *http.Request) {
+	ctx := req.Context()
 	c.ctx = ctx
 	c.reqBody = req.Body
-	deadline, hasDeadline := ctx.Deadline()
+	deadline, _ := ctx.Deadline()
 	c.setWriteDeadline(deadline) // zero without one
 	if ctx.Done() != nil {
 		if c.onCancel == nil {
@@ -395,50 +412,50 @@ func (c *conn) roundTrip(req *http.Request) (resp *http.Response, err error) {
 		}
 		c.stopCtx = context.AfterFunc(ctx, c.onCancel)
 	}
-	fail := func(e error) (*http.Response, error) {
-		c.release()
-		c.close()
-		if c.canceled.Load() {
-			if cerr := ctx.Err(); cerr != nil {
-				return nil, cerr
-			}
+}
+
+// fail ends a failed exchange: the connection closes, and the error says
+// so when the context's end caused it.
+func (c *conn) fail(req *http.Request, e error) (*http.Response, error) {
+	ctx := req.Context()
+	c.release()
+	c.close()
+	if c.canceled.Load() {
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
 		}
-		if ne, ok := e.(net.Error); ok && ne.Timeout() && hasDeadline && !time.Now().Before(deadline) {
-			return nil, context.DeadlineExceeded
-		}
-		return nil, e
 	}
-	if err := c.writeRequest(req); err != nil {
-		var bre *bodyReadError
-		if c.reused && isClosedErr(err) && !errors.As(err, &bre) {
-			return fail(errStale)
-		}
-		return fail(err)
+	deadline, hasDeadline := ctx.Deadline()
+	if ne, ok := e.(net.Error); ok && ne.Timeout() && hasDeadline && !time.Now().Before(deadline) {
+		return nil, context.DeadlineExceeded
 	}
-	if hook := testHookWritten.Load(); hook != nil {
-		(*hook)(c)
-	}
+	return nil, e
+}
+
+// await reads the answer to req, which was written at written.
+func (c *conn) await(req *http.Request, written time.Time) (*http.Response, error) {
+	deadline, hasDeadline := req.Context().Deadline()
 	// The header timeout runs from the end of the request, body included,
 	// as net/http's ResponseHeaderTimeout does. A deadline already set that
 	// falls less than ht/16 short of it is kept, sparing a timer update per
 	// exchange.
 	headDeadline := deadline
-	if ht := c.t.headerTimeout; ht > 0 && (!hasDeadline || time.Until(deadline) > ht) {
-		headDeadline = time.Now().Add(ht)
+	if ht := c.t.headerTimeout; ht > 0 && (!hasDeadline || deadline.Sub(written) > ht) {
+		headDeadline = written.Add(ht)
 		if !c.rdl.IsZero() && !c.rdl.After(headDeadline) && headDeadline.Sub(c.rdl) < ht/16 {
 			headDeadline = c.rdl
 		}
 	}
 	c.armReadDeadline(headDeadline)
-	resp, err = c.readResponse(req)
+	resp, err := c.readResponse(req)
 	if err != nil {
 		if c.reused && errors.Is(err, errNothingRead) {
-			return fail(errStale)
+			return c.fail(req, errStale)
 		}
 		if errors.Is(err, errNothingRead) {
 			err = io.ErrUnexpectedEOF
 		}
-		return fail(err)
+		return c.fail(req, err)
 	}
 	if b, ok := resp.Body.(*body); ok && !headDeadline.Equal(deadline) {
 		// The body is read under the request's own deadline, unless all
@@ -486,41 +503,8 @@ func isClosedErr(err error) bool {
 
 func (c *conn) writeRequest(req *http.Request) error {
 	bw := c.bw
-	bw.WriteString(req.Method)
-	bw.WriteByte(' ')
-	if req.URL.Opaque != "" {
-		bw.WriteString(req.URL.Opaque)
-	} else {
-		path := req.URL.EscapedPath()
-		if path == "" {
-			path = "/"
-		}
-		bw.WriteString(path)
-		if req.URL.RawQuery != "" || req.URL.ForceQuery {
-			bw.WriteByte('?')
-			bw.WriteString(req.URL.RawQuery)
-		}
-	}
-	bw.WriteString(" HTTP/1.1\r\nHost: ")
-	host := req.Host
-	if host == "" {
-		host = req.URL.Host
-	}
-	bw.WriteString(host)
-	bw.WriteString("\r\n")
-	for k, vv := range req.Header {
-		if k == "Host" || k == "Content-Length" || k == "Transfer-Encoding" || k == "Connection" {
-			continue
-		}
-		for _, v := range vv {
-			if !validHeaderValue(v) {
-				return fmt.Errorf("h1: invalid value for header %q", k)
-			}
-			bw.WriteString(k)
-			bw.WriteString(": ")
-			bw.WriteString(v)
-			bw.WriteString("\r\n")
-		}
+	if err := writeStart(bw, req); err != nil {
+		return err
 	}
 	body := req.Body
 	if body == http.NoBody {
@@ -573,6 +557,66 @@ func (c *conn) writeRequest(req *http.Request) error {
 		return &bodyError{err}
 	}
 	return bw.Flush()
+}
+
+// writeStart writes req's request line and header fields, but for the
+// framing ones.
+func writeStart(bw *bufio.Writer, req *http.Request) error {
+	bw.WriteString(req.Method)
+	bw.WriteByte(' ')
+	if req.URL.Opaque != "" {
+		bw.WriteString(req.URL.Opaque)
+	} else {
+		path := req.URL.EscapedPath()
+		if path == "" {
+			path = "/"
+		}
+		bw.WriteString(path)
+		if req.URL.RawQuery != "" || req.URL.ForceQuery {
+			bw.WriteByte('?')
+			bw.WriteString(req.URL.RawQuery)
+		}
+	}
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	host := req.Host
+	if host == "" {
+		host = req.URL.Host
+	}
+	bw.WriteString(host)
+	bw.WriteString("\r\n")
+	for k, vv := range req.Header {
+		if k == "Host" || k == "Content-Length" || k == "Transfer-Encoding" || k == "Connection" {
+			continue
+		}
+		for _, v := range vv {
+			if !validHeaderValue(v) {
+				return fmt.Errorf("h1: invalid value for header %q", k)
+			}
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	return nil
+}
+
+// WriteHead writes the head of req, which has no body, as RoundTrip would
+// send it; an event loop sending requests itself uses it. The framing
+// fields of req.Header are not written: an empty POST, PUT or PATCH says
+// Content-Length: 0.
+func WriteHead(bw *bufio.Writer, req *http.Request) error {
+	if req.Body != nil && req.Body != http.NoBody {
+		return errors.New("h1: WriteHead is for requests without a body")
+	}
+	if err := writeStart(bw, req); err != nil {
+		return err
+	}
+	if req.Method == http.MethodPost || req.Method == http.MethodPut || req.Method == http.MethodPatch {
+		bw.WriteString("Content-Length: 0\r\n")
+	}
+	_, err := bw.WriteString("\r\n")
+	return err
 }
 
 // readTracker records the error of reading the request body, to tell it

@@ -30,6 +30,8 @@ $(BIN)/jaeger:
 # MESHD_REQUIRE_INTEGRATION turns a missing consul or jaeger into a failure.
 test: tools lint build
 	MESHD_REQUIRE_INTEGRATION=1 MESHD_BIN=$(CURDIR)/bin/meshd $(GO) test -race -count=1 -timeout 30m $(TESTFLAGS) ./...
+	@echo "== the sidecar suite again with proxy.event_loop off (the fast path's goroutines alone)"
+	MESHD_TEST_FAST_PATH=goroutines MESHD_REQUIRE_INTEGRATION=1 $(GO) test -race -count=1 -timeout 10m $(TESTFLAGS) ./sidecar/
 	@echo "== the sidecar suite again with proxy.fast_path off (net/http's server alone)"
 	MESHD_TEST_FAST_PATH=off MESHD_REQUIRE_INTEGRATION=1 $(GO) test -race -count=1 -timeout 10m $(TESTFLAGS) ./sidecar/
 

@@ -42,6 +42,7 @@ type fastServer struct {
 	l       *listener
 	handler http.Handler
 	handoff *handoffListener
+	eng     *engine // nil: every connection gets a goroutine
 
 	mu      sync.Mutex
 	conns   map[*fastConn]struct{}
@@ -70,6 +71,13 @@ type fastConn struct {
 	// http.ResponseController (to abort a stalled request body): rdl no
 	// longer holds, so the connection closes after the request.
 	foreignDeadline atomic.Bool
+	// For a connection the event loop handed over: first is the request
+	// it had begun (nil when the loop handed over bytes to parse), and
+	// back, when set, returns the connection to the loop once it is idle
+	// with nothing buffered.
+	first *started
+	req   *http.Request
+	back  func(net.Conn) bool
 }
 
 // setReadDeadline sets nc's read deadline unless it is already t.
@@ -135,6 +143,10 @@ func (f *fastServer) serve() error {
 			return err
 		}
 		delay = 0
+		if f.eng != nil && f.eng.adopt(nc, 0) {
+			nc.Close()
+			continue
+		}
 		c := &fastConn{nc: nc, remote: nc.RemoteAddr().String()}
 		c.ctx, c.cancel = context.WithCancel(context.Background())
 		f.mu.Lock()
@@ -188,25 +200,48 @@ func (f *fastServer) serveConn(c *fastConn) {
 	var raw []byte
 	for {
 		cfg := f.s.cfg.Load()
-		// Wait for the next request as an idle connection.
-		c.readWithin(cfg.Proxy.IdleTimeout)
-		if _, err := br.Peek(1); err != nil {
+		if c.back != nil && c.req == nil && br.Buffered() == 0 && c.nc.(*replayConn).drained() && c.state.CompareAndSwap(connIdle, connClosed) {
+			// Idle again: back to the event loop, which keeps its own
+			// descriptor of the connection; this one closes.
+			c.back(c.nc)
 			return
 		}
-		if !c.state.CompareAndSwap(connIdle, connActive) {
-			return // closed by a shutdown
-		}
-		if !headBuffered(br) {
-			c.setReadDeadline(time.Now().Add(cfg.Proxy.ReadHeaderTimeout))
-		}
-		raw = raw[:0]
-		req, ok, err := readHead(br, &raw, cfg.Proxy.MaxHeaderBytes, base)
-		if err != nil {
-			return // timed out or the client went away mid-head
-		}
-		if !ok {
-			handedOff = f.handOff(c, raw, br)
-			return
+		var (
+			req *http.Request
+			st  *started
+		)
+		if c.req != nil {
+			// The event loop's request, parsed already.
+			req, st = c.req.WithContext(c.ctx), c.first
+			c.req, c.first = nil, nil
+			if !c.state.CompareAndSwap(connIdle, connActive) {
+				return
+			}
+		} else {
+			// Wait for the next request as an idle connection.
+			c.readWithin(cfg.Proxy.IdleTimeout)
+			if _, err := br.Peek(1); err != nil {
+				return
+			}
+			if !c.state.CompareAndSwap(connIdle, connActive) {
+				return // closed by a shutdown
+			}
+			if !headBuffered(br) {
+				c.setReadDeadline(time.Now().Add(cfg.Proxy.ReadHeaderTimeout))
+			}
+			raw = raw[:0]
+			var (
+				ok  bool
+				err error
+			)
+			req, ok, err = readHead(br, &raw, cfg.Proxy.MaxHeaderBytes, base)
+			if err != nil {
+				return // timed out or the client went away mid-head
+			}
+			if !ok {
+				handedOff = f.handOff(c, raw, br)
+				return
+			}
 		}
 		req.RemoteAddr = c.remote
 		body, _ := req.Body.(*fastBody)
@@ -219,7 +254,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 		}
 		w.reset(req)
 		watch.arm(br, body)
-		ok = f.call(w, req)
+		ok := f.call(w, req, st)
 		if !watch.stop(br) || !ok {
 			return
 		}
@@ -357,8 +392,9 @@ func (w *clientWatch) stop(br *bufio.Reader) bool {
 
 var aLongTimeAgo = time.Unix(1, 0)
 
-// call runs the handler; false when it aborted the response.
-func (f *fastServer) call(w *fastWriter, r *http.Request) (ok bool) {
+// call runs the handler, or for a request the event loop began, forward;
+// false when it aborted the response.
+func (f *fastServer) call(w *fastWriter, r *http.Request, st *started) (ok bool) {
 	defer func() {
 		if p := recover(); p != nil {
 			if p != http.ErrAbortHandler {
@@ -367,6 +403,10 @@ func (f *fastServer) call(w *fastWriter, r *http.Request) (ok bool) {
 			ok = false
 		}
 	}()
+	if st != nil {
+		f.s.forward(w, r, st.u, st.start, st.dedicated, st)
+		return true
+	}
 	f.handler.ServeHTTP(w, r)
 	return true
 }
@@ -404,6 +444,9 @@ func (f *fastServer) shutdown(ctx context.Context) error {
 		case <-tick.C:
 		}
 	}
+	if f.eng != nil {
+		f.eng.stop()
+	}
 	if herr := f.l.srv.Shutdown(ctx); herr != nil && err == nil {
 		err = herr
 	}
@@ -411,6 +454,9 @@ func (f *fastServer) shutdown(ctx context.Context) error {
 }
 
 func (f *fastServer) closeIdle() {
+	if f.eng != nil {
+		f.eng.closeIdle()
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for c := range f.conns {
@@ -421,6 +467,9 @@ func (f *fastServer) closeIdle() {
 }
 
 func (f *fastServer) closeAll() {
+	if f.eng != nil {
+		f.eng.stop() // drops every connection the loops hold
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for c := range f.conns {
@@ -940,6 +989,17 @@ type replayConn struct {
 	net.Conn
 	prefix []byte
 }
+
+// CloseWrite shuts the sending side, when the connection has one to shut.
+func (c *replayConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return errors.New("connection cannot shut its sending side")
+}
+
+// drained reports whether the replayed bytes have all been read.
+func (c *replayConn) drained() bool { return len(c.prefix) == 0 }
 
 func (c *replayConn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {

@@ -46,32 +46,28 @@ func (h *proxyHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.tunnel(w, r, u, start)
 		return
 	}
-	s.forward(w, r, u, start, h.l.fixed.Load() != nil)
+	s.forward(w, r, u, start, h.l.fixed.Load() != nil, nil)
 }
 
 // forward sends r to an instance of u and streams the response back. Each
 // try picks an instance the request has not tried, passes its circuit
 // breaker, and gets what is left of the request's time budget; failed tries
-// are retried as the upstream's retry policy and budget allow.
-func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, start time.Time, dedicated bool) {
-	ctx, span := s.tel.StartServer(r.Context(), r, "")
+// are retried as the upstream's retry policy and budget allow. pre, when
+// not nil, is a request the event loop began: its span, and perhaps its
+// first try, are taken over.
+func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, start time.Time, dedicated bool, pre *started) {
+	var ctx context.Context
+	var span trace.Span
+	if pre != nil {
+		span = pre.span
+		ctx = trace.ContextWithSpan(r.Context(), span)
+	} else {
+		ctx, span = s.tel.StartServer(r.Context(), r, "")
+	}
 	m := metricsOf(s.tel)
 	ex := exchange{s: s, w: w, r: r, u: u, start: start, ctx: ctx}
 	defer func() {
-		telemetry.EndServer(span, ex.wire, ex.errType)
-		m.ServerRequestDone(u.name, r.Method, ex.wire, ex.errType, time.Since(start))
-		if ex.wire >= 500 || ex.errType != "" && ex.errType != telemetry.ErrTypeCanceled && ex.wire < 400 {
-			// Once per request, however many tries failed: a 5xx sent, or
-			// an answer that broke off.
-			u.errors.Add(1)
-		}
-		if m != nil && u.retired.Load() {
-			u.settleMetrics("")
-		}
-		telemetry.AccessLog(s.accessLogger(), ctx, telemetry.Access{
-			Upstream: u.name, Instance: ex.instance, Method: r.Method, Path: r.URL.Path,
-			Status: ex.status, Duration: time.Since(start), Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
-		})
+		ex.record(span)
 		if ex.silent {
 			// Recorded; now make sure the server sends nothing.
 			panic(http.ErrAbortHandler)
@@ -87,7 +83,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	}
 	if budget > 0 {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, budget)
+		ctx, cancel = context.WithDeadline(ctx, start.Add(budget))
 		defer cancel()
 		ex.ctx = ctx
 	}
@@ -168,7 +164,10 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		ex.bodyFailed(err)
 		return
 	}
-	g.RequestStarted()
+	first := pre.takeTry()
+	if first == nil {
+		g.RequestStarted()
+	}
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
 	rejected := 0
 	var lastErr error
@@ -177,70 +176,93 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 			ex.failCtx(lastErr)
 			return
 		}
-		preq.Now = time.Now().UnixNano()
-		preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
-		ep, err := snap.Picker.Pick(&preq)
-		if errors.Is(err, balance.ErrNoneAvailable) && ex.tries > 0 && preq.Tried() >= len(snap.Endpoints) {
-			// Every instance has been tried: a retry may go to one again.
-			preq.ClearExcluded()
+		var (
+			ep        *balance.Endpoint
+			done      func(resilience.Outcome)
+			tryCtx    context.Context
+			cancelTry context.CancelFunc
+			aspan     trace.Span
+			t0        time.Time
+			resp      *http.Response
+			err       error
+		)
+		if first != nil {
+			// The event loop's try, taken over where it stands.
+			ep, done, aspan, t0 = first.ep, first.done, first.aspan, first.t0
+			preq.Exclude(ep)
+			ex.tries++
+			ex.instance = ep.ID
+			tryCtx = ctx
+			if !first.deadline.IsZero() {
+				tryCtx, cancelTry = context.WithDeadline(ctx, first.deadline)
+			}
+			resp, err = first.finish(tryCtx, set.transport)
+			first = nil
+		} else {
+			preq.Now = time.Now().UnixNano()
+			preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
 			ep, err = snap.Picker.Pick(&preq)
-		}
-		if err != nil {
-			if ex.held != nil {
-				ex.passHeld("found no other instance to try")
-				return
+			if errors.Is(err, balance.ErrNoneAvailable) && ex.tries > 0 && preq.Tried() >= len(snap.Endpoints) {
+				// Every instance has been tried: a retry may go to one again.
+				preq.ClearExcluded()
+				ep, err = snap.Picker.Pick(&preq)
 			}
-			msg := "no available instance of " + quote(u.name) + ": " + err.Error()
-			if errors.Is(err, balance.ErrNoneAvailable) {
-				msg += " (" + unavailableWhy(snap.Endpoints, preq.Tried()) + ")"
-			}
-			if lastErr != nil {
-				msg += "; last error: " + lastErr.Error()
-			}
-			ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, msg)
-			return
-		}
-		preq.Exclude(ep)
-		var done func(resilience.Outcome)
-		if preq.IgnoreHealth {
-			done = g.AdmitForced(ep.Stats)
-		} else if done, err = g.Admit(ep.Stats); err != nil {
-			telemetry.BreakerRejected(span, ep.ID, ep.Breaker().String())
-			if rejected++; rejected > len(snap.Endpoints) {
+			if err != nil {
 				if ex.held != nil {
 					ex.passHeld("found no other instance to try")
 					return
 				}
-				ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, "no available instance of "+quote(u.name)+": "+err.Error())
+				msg := "no available instance of " + quote(u.name) + ": " + err.Error()
+				if errors.Is(err, balance.ErrNoneAvailable) {
+					msg += " (" + unavailableWhy(snap.Endpoints, preq.Tried()) + ")"
+				}
+				if lastErr != nil {
+					msg += "; last error: " + lastErr.Error()
+				}
+				ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, msg)
 				return
 			}
-			continue
-		}
-		ex.tries++
-		ex.instance = ep.ID
-		ep.MarkPicked(preq.Now)
-		tryCtx, cancelTry := ctx, context.CancelFunc(nil)
-		if tt := rc.Timeouts.TryTimeout(remaining(ctx)); tt > 0 {
-			tryCtx, cancelTry = context.WithTimeout(ctx, tt)
-			if body.stream != nil {
-				// The try's end must also end a read stalled on the
-				// caller: net/http's Transport does not return before
-				// its body write does. (Ending the try ourselves stops
-				// this first.)
-				stop, cancel := context.AfterFunc(tryCtx, ex.ab.AbortRead), cancelTry
-				cancelTry = func() { stop(); cancel() }
+			preq.Exclude(ep)
+			if preq.IgnoreHealth {
+				done = g.AdmitForced(ep.Stats)
+			} else if done, err = g.Admit(ep.Stats); err != nil {
+				telemetry.BreakerRejected(span, ep.ID, ep.Breaker().String())
+				if rejected++; rejected > len(snap.Endpoints) {
+					if ex.held != nil {
+						ex.passHeld("found no other instance to try")
+						return
+					}
+					ex.fail(http.StatusServiceUnavailable, telemetry.ErrTypeBreakerOpen, "no available instance of "+quote(u.name)+": "+err.Error())
+					return
+				}
+				continue
 			}
+			ex.tries++
+			ex.instance = ep.ID
+			ep.MarkPicked(preq.Now)
+			tryCtx, cancelTry = ctx, nil
+			if tt := rc.Timeouts.TryTimeout(remaining(ctx)); tt > 0 {
+				tryCtx, cancelTry = context.WithTimeout(ctx, tt)
+				if body.stream != nil {
+					// The try's end must also end a read stalled on the
+					// caller: net/http's Transport does not return before
+					// its body write does. (Ending the try ourselves stops
+					// this first.)
+					stop, cancel := context.AfterFunc(tryCtx, ex.ab.AbortRead), cancelTry
+					cancelTry = func() { stop(); cancel() }
+				}
+			}
+			out := outgoing(tryCtx, r, ep.Address, host, hdr, body)
+			_, aspan = s.tel.StartAttempt(tryCtx, out, telemetry.Attempt{
+				Upstream: u.name, Algorithm: set.algorithm, InstanceID: ep.ID, InstanceAddr: ep.Address,
+				Candidates: preq.Candidates, Reason: preq.Reason, Score: preq.Score, HasScore: preq.Score != 0,
+				Breaker: ep.Breaker().String(), ResendCount: ex.tries - 1,
+			})
+			ep.InFlight.Add(1)
+			m.InFlight(u.name, 1)
+			t0 = time.Now()
+			resp, err = set.transport.RoundTrip(out)
 		}
-		out := outgoing(tryCtx, r, ep.Address, host, hdr, body)
-		_, aspan := s.tel.StartAttempt(tryCtx, out, telemetry.Attempt{
-			Upstream: u.name, Algorithm: set.algorithm, InstanceID: ep.ID, InstanceAddr: ep.Address,
-			Candidates: preq.Candidates, Reason: preq.Reason, Score: preq.Score, HasScore: preq.Score != 0,
-			Breaker: ep.Breaker().String(), ResendCount: ex.tries - 1,
-		})
-		ep.InFlight.Add(1)
-		m.InFlight(u.name, 1)
-		t0 := time.Now()
-		resp, err := set.transport.RoundTrip(out)
 		var cbe *clientBodyError
 		if err != nil {
 			cbe = asClientBodyError(err)
@@ -363,6 +385,26 @@ type exchange struct {
 	// meshd's account (499 for a caller that left), spans and metrics
 	// report only a status sent, as the HTTP conventions ask.
 	wire int
+}
+
+// record ends the request's span and records it in the metrics, the
+// upstream's counters and the access log.
+func (ex *exchange) record(span trace.Span) {
+	u, r, m := ex.u, ex.r, metricsOf(ex.s.tel)
+	telemetry.EndServer(span, ex.wire, ex.errType)
+	m.ServerRequestDone(u.name, r.Method, ex.wire, ex.errType, time.Since(ex.start))
+	if ex.wire >= 500 || ex.errType != "" && ex.errType != telemetry.ErrTypeCanceled && ex.wire < 400 {
+		// Once per request, however many tries failed: a 5xx sent, or
+		// an answer that broke off.
+		u.errors.Add(1)
+	}
+	if m != nil && u.retired.Load() {
+		u.settleMetrics("")
+	}
+	telemetry.AccessLog(ex.s.accessLogger(), ex.ctx, telemetry.Access{
+		Upstream: u.name, Instance: ex.instance, Method: r.Method, Path: r.URL.Path,
+		Status: ex.status, Duration: time.Since(ex.start), Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
+	})
 }
 
 // closeConn asks that the caller's HTTP/1 connection close after this

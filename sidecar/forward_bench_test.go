@@ -72,7 +72,7 @@ func BenchmarkForward(b *testing.B) {
 		w := &discardWriter{h: make(http.Header)}
 		for pb.Next() {
 			clear(w.h)
-			s.forward(w, r, u, time.Now(), false)
+			s.forward(w, r, u, time.Now(), false, nil)
 		}
 	})
 }

@@ -137,10 +137,15 @@ func parseConfig(yaml string) (*config.Config, error) {
 		yaml = "listen: {outbound: 127.0.0.1:0, admin: 127.0.0.1:0}\n" + yaml
 	}
 	cfg, err := config.Parse("test.yaml", []byte(yaml))
-	if err == nil && os.Getenv("MESHD_TEST_FAST_PATH") == "off" {
-		// make test runs the suite a second time on net/http's server alone.
-		off := false
+	off := false
+	switch mode := os.Getenv("MESHD_TEST_FAST_PATH"); {
+	case err != nil:
+	case mode == "off":
+		// make test runs the suite again on net/http's server alone,
 		cfg.Proxy.FastPath = &off
+	case mode == "goroutines":
+		// and on the fast path without event loops.
+		cfg.Proxy.EventLoop = &off
 	}
 	return cfg, err
 }

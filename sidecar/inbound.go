@@ -15,7 +15,7 @@ func (s *Sidecar) serveInbound(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	u := s.inboundUpstream()
 	u.requests.Add(1)
-	s.forward(w, r, u, start, false)
+	s.forward(w, r, u, start, false, nil)
 }
 
 // inboundUpstream returns the single-instance upstream of the local app,

@@ -490,7 +490,9 @@ func TestPlainRequestsTakeTheFastClient(t *testing.T) {
 	srv.Start()
 	defer srv.Close()
 	addr := srv.Listener.Addr().String()
-	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", addr))
+	// The h1 client is what is tested: the event loops, which send plain
+	// GETs themselves, are off (TestEventLoop* test those).
+	s := start(t, fmt.Sprintf("proxy: {event_loop: false}\ndiscovery: {static: {p: [%s]}}\nupstreams: {p: {}}\n", addr))
 	fast := s.lookup("p").settings.Load().transport.fast
 	if fast == nil {
 		t.Fatal("no fast client for a plain HTTP/1.1 upstream")

@@ -27,7 +27,9 @@ func TestReloadRetiresTheOldTransport(t *testing.T) {
 		io.WriteString(w, "done "+r.URL.Path)
 	})
 	conf := func(header string) string {
-		return fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {timeouts: {response_header: %s}}}\n", b.addr(), header)
+		// The h1 client's pool is what is watched: the event loops,
+		// which pool connections of their own, are off.
+		return fmt.Sprintf("proxy: {event_loop: false}\ndiscovery: {static: {svc: [%s]}}\nupstreams: {svc: {timeouts: {response_header: %s}}}\n", b.addr(), header)
 	}
 	s := start(t, conf("15s"))
 	c := proxyClient(s)

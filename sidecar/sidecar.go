@@ -278,6 +278,13 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 		l.srv = s.newServer(cfg, l)
 		if ph, ok := l.srv.Handler.(*proxyHandler); ok && cfg.Proxy.FastPathOn() {
 			l.fast = newFastServer(s, l, ph)
+			if engineOn && cfg.Proxy.EventLoopOn() {
+				eng, err := newEngine(l.fast)
+				if err != nil {
+					return fmt.Errorf("listener %s: event loops: %w", l.key, err)
+				}
+				l.fast.eng = eng
+			}
 		}
 		s.listeners[l.key] = l
 		s.bg.Add(1)
@@ -360,6 +367,7 @@ func checkServerReload(cur, next config.Proxy) error {
 		{"proxy.idle_timeout", cur.IdleTimeout != next.IdleTimeout},
 		{"proxy.max_header_bytes", cur.MaxHeaderBytes != next.MaxHeaderBytes},
 		{"proxy.fast_path", cur.FastPathOn() != next.FastPathOn()},
+		{"proxy.event_loop", cur.EventLoopOn() != next.EventLoopOn()},
 	} {
 		if c.changed {
 			return fmt.Errorf("%s changed: restart meshd to apply it", c.key)

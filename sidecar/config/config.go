@@ -264,6 +264,11 @@ type Proxy struct {
 	// FastPath serves plain HTTP/1.1 on proxy listeners with meshd's own
 	// server loop instead of net/http's; default true.
 	FastPath *bool `yaml:"fast_path"`
+	// EventLoop serves the fast path's common requests (GET and HEAD
+	// answered by a plain success) on one epoll loop per core, on Linux,
+	// handing every other request to the goroutine path; default true.
+	// Only with fast_path.
+	EventLoop *bool `yaml:"event_loop"`
 }
 
 // Telemetry configures traces and metrics; OTEL_* variables also apply.
@@ -548,6 +553,11 @@ func (p Proxy) XForwardedOn() bool { return p.XForwarded == nil || *p.XForwarded
 
 // FastPathOn reports whether proxy listeners use meshd's own HTTP/1.1 loop.
 func (p Proxy) FastPathOn() bool { return p.FastPath == nil || *p.FastPath }
+
+// EventLoopOn reports whether the fast path uses event loops where it can.
+func (p Proxy) EventLoopOn() bool {
+	return p.FastPathOn() && (p.EventLoop == nil || *p.EventLoop)
+}
 
 // ConnectOn reports whether CONNECT tunnels are allowed.
 func (p Proxy) ConnectOn() bool { return p.AllowConnect == nil || *p.AllowConnect }

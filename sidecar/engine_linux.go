@@ -1,0 +1,1454 @@
+//go:build linux
+
+package sidecar
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"go.opentelemetry.io/otel/trace"
+	"golang.org/x/sys/unix"
+
+	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/resilience"
+	"github.com/meshd/meshd/sidecar/config"
+	"github.com/meshd/meshd/sidecar/h1"
+	"github.com/meshd/meshd/telemetry"
+)
+
+// engine serves a proxy listener's common requests on event loops, one per
+// core: each loop waits on its connections with epoll and answers a GET or
+// HEAD without goroutines or their wake-ups in between. That is where the
+// goroutine-per-connection server spends most of its CPU beyond the
+// kernel's share.
+//
+// A loop only does what it can do without blocking: it parses the head,
+// routes, picks, admits, sends the request and, when the instance answers
+// a plain success framed by Content-Length, streams the answer back. At
+// every other turn it hands the request to the goroutine path (fastServer
+// and forward) exactly where it stands, so that path's behaviour holds for
+// everything else: request bodies, upgrades, CONNECT, h2c, sampled traces,
+// failing answers and their retries, timeouts, and requests it does not
+// parse. The connection returns to the loop once it is idle again.
+//
+// Loops own their connections; nothing but the inbox and the command flags
+// is shared with other goroutines.
+type engine struct {
+	f        *fastServer
+	s        *Sidecar
+	loops    []*loop
+	next     atomic.Uint32
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+	// native counts the answers the loops passed on themselves (counted
+	// before the head goes out), handed the requests they gave to the
+	// goroutine path (before it has them).
+	native, handed atomic.Int64
+}
+
+// engineOn reports whether this platform has the event-loop engine.
+const engineOn = true
+
+// newEngine starts one loop per usable core.
+func newEngine(f *fastServer) (*engine, error) {
+	e := &engine{f: f, s: f.s}
+	n := runtime.GOMAXPROCS(0)
+	for i := 0; i < n; i++ {
+		l, err := newLoop(e)
+		if err != nil {
+			e.stop()
+			return nil, err
+		}
+		e.loops = append(e.loops, l)
+	}
+	for _, l := range e.loops {
+		e.wg.Add(1)
+		go l.run()
+	}
+	return e, nil
+}
+
+// adopt gives the connection nc to a loop, which takes a descriptor of its
+// own: the caller closes nc. streak counts the requests in a row the
+// connection's loop handed over before. False when the engine stopped or
+// the descriptor could not be had; nc is then the caller's to serve.
+func (e *engine) adopt(nc net.Conn, streak int) bool {
+	if e.f.closing.Load() {
+		return false
+	}
+	fd, err := dupConn(nc)
+	if err != nil {
+		e.s.log.Warn("event loop: cannot take a connection; serving it on a goroutine", "err", err)
+		return false
+	}
+	l := e.loops[e.next.Add(1)%uint32(len(e.loops))]
+	e.f.wg.Add(1)
+	l.mu.Lock()
+	if l.stopped {
+		l.mu.Unlock()
+		e.f.wg.Done()
+		unix.Close(fd)
+		return false
+	}
+	l.inbox = append(l.inbox, adoptee{fd: fd, remote: nc.RemoteAddr().String(), streak: streak})
+	l.mu.Unlock()
+	l.poke()
+	return true
+}
+
+// closeIdle asks every loop to close its idle connections (a shutdown
+// began); those busy close after their answer.
+func (e *engine) closeIdle() {
+	for _, l := range e.loops {
+		l.cmdIdle.Store(true)
+		l.poke()
+	}
+}
+
+// closeAll asks every loop to drop all its connections, busy ones too.
+func (e *engine) closeAll() {
+	for _, l := range e.loops {
+		l.cmdAll.Store(true)
+		l.poke()
+	}
+}
+
+// stop ends the loops, dropping what they hold, and waits for them.
+func (e *engine) stop() {
+	e.stopOnce.Do(func() {
+		for _, l := range e.loops {
+			l.cmdStop.Store(true)
+			l.poke()
+		}
+		e.wg.Wait()
+	})
+}
+
+// dupConn returns a new descriptor of nc's socket, non-blocking.
+func dupConn(nc net.Conn) (int, error) {
+	if rc, ok := nc.(*replayConn); ok {
+		nc = rc.Conn
+	}
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return -1, errors.New("connection has no descriptor")
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	var derr error
+	if err := raw.Control(func(s uintptr) {
+		fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0)
+	}); err != nil {
+		return -1, err
+	}
+	if derr != nil {
+		return -1, derr
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// fdConn turns a loop's descriptor into a net.Conn; fd is given up.
+func fdConn(fd int) (net.Conn, error) {
+	f := os.NewFile(uintptr(fd), "")
+	nc, err := net.FileConn(f)
+	f.Close()
+	return nc, err
+}
+
+type adoptee struct {
+	fd     int
+	remote string
+	streak int
+}
+
+// loop is one event loop: an epoll set and the connections in it.
+type loop struct {
+	e    *engine
+	ep   int
+	wake int // eventfd
+
+	mu      sync.Mutex
+	inbox   []adoptee
+	stopped bool
+
+	cmdIdle, cmdAll, cmdStop atomic.Bool
+
+	// The rest belongs to the loop's goroutine.
+	gen      uint32
+	fds      map[int32]any // *econn or *upconn
+	clients  map[*econn]struct{}
+	idle     map[string][]*upconn
+	addrs    map[string]*unix.SockaddrInet4
+	inflight []*etry
+	nextDue  int64 // earliest handAt among inflight
+	lastIdle int64
+	events   []unix.EpollEvent
+	rbuf     []byte
+	hp       h1.HeadParser
+	rd       bytes.Reader
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	base     *http.Request
+	raw      []byte
+	reqBuf   bytes.Buffer
+	reqW     *bufio.Writer
+}
+
+func newLoop(e *engine) (*loop, error) {
+	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		unix.Close(ep)
+		return nil, err
+	}
+	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(wake)}); err != nil {
+		unix.Close(ep)
+		unix.Close(wake)
+		return nil, err
+	}
+	l := &loop{
+		e: e, ep: ep, wake: wake,
+		fds:     map[int32]any{},
+		clients: map[*econn]struct{}{},
+		idle:    map[string][]*upconn{},
+		addrs:   map[string]*unix.SockaddrInet4{},
+		events:  make([]unix.EpollEvent, 128),
+		rbuf:    make([]byte, 64<<10),
+		br:      bufio.NewReaderSize(nil, 4<<10),
+		bw:      bufio.NewWriterSize(nil, 8<<10),
+		base:    (&http.Request{}).WithContext(context.Background()),
+		nextDue: maxTime,
+	}
+	l.reqW = bufio.NewWriterSize(&l.reqBuf, 4<<10)
+	return l, nil
+}
+
+const maxTime = int64(1<<63 - 1)
+
+// poke wakes the loop.
+func (l *loop) poke() {
+	var one = [8]byte{1}
+	unix.Write(l.wake, one[:])
+}
+
+// econn is a client connection the loop holds.
+type econn struct {
+	l        *loop
+	fd       int
+	gen      uint32
+	remote   string
+	in       []byte // read, not yet consumed
+	out      []byte // answered, not yet taken by the socket
+	outOn    bool   // EPOLLOUT armed
+	inOff    bool   // EPOLLIN disarmed
+	x        *etry  // the request in progress
+	lastUsed int64
+	streak   int
+	eof      bool // the client shut its side
+	dead     bool // writing failed
+	closeNow bool // close once out is sent
+	w        fastWriter
+}
+
+// upconn is a connection to an instance.
+type upconn struct {
+	fd         int
+	gen        uint32
+	addr       string
+	reused     bool
+	connecting bool
+	in         []byte
+	out        []byte
+	outOn      bool
+	inOff      bool
+	idleSince  int64
+	x          *etry
+}
+
+// etry is a request the loop serves natively.
+type etry struct {
+	c         *econn
+	up        *upconn
+	req       *http.Request
+	ex        exchange
+	span      trace.Span
+	g         *resilience.Guard
+	ot        openTry
+	dedicated bool
+	deadline  int64 // the request's and try's deadline, unix ns; maxTime for none
+	handAt    int64 // when the loop gives the try to a goroutine if no answer came
+	head      bool  // the answer's head went to the client
+	left      int64 // body bytes still to come
+	reuse     bool  // the instance's connection can serve again
+	o         resilience.Outcome
+	status    int
+	idx       int // in l.inflight
+	out       http.Request
+	url       url.URL
+}
+
+func (l *loop) run() {
+	defer l.e.wg.Done()
+	msec, busy := 0, 0
+	for {
+		var n int
+		var err error
+		if msec == 0 {
+			n, err = l.pollNow()
+		} else {
+			n, err = unix.EpollWait(l.ep, l.events, msec)
+		}
+		if err != nil && err != unix.EINTR {
+			l.e.s.log.Error("event loop stopped", "err", err)
+			l.shutdown()
+			return
+		}
+		for i := 0; i < n; i++ {
+			ev := l.events[i]
+			if int(ev.Fd) == l.wake {
+				if l.woken() {
+					return
+				}
+				continue
+			}
+			switch o := l.fds[ev.Fd].(type) {
+			case *econn:
+				if o.gen == uint32(ev.Pad) {
+					l.clientEvent(o, ev.Events)
+				}
+			case *upconn:
+				if o.gen == uint32(ev.Pad) {
+					l.upEvent(o, ev.Events)
+				}
+			}
+		}
+		now := time.Now().UnixNano()
+		if now >= l.nextDue {
+			l.sweep(now)
+		}
+		if now-l.lastIdle >= int64(time.Second) {
+			l.lastIdle = now
+			l.sweepIdle(now)
+		}
+		switch {
+		case n > 0:
+			msec = 0 // look again at once: more may be ready
+		case l.nextDue != maxTime:
+			msec = int(min((l.nextDue-now)/int64(time.Millisecond)+1, 1000))
+		default:
+			msec = 1000
+		}
+		if n > 0 {
+			if busy++; busy%32 == 0 {
+				// A loop kept busy never blocks, and its processor
+				// would serve nothing else: requests on the goroutine
+				// path would wait for the scheduler to preempt it.
+				runtime.Gosched()
+			}
+			continue
+		}
+		if msec > 0 {
+			// Nothing was ready: let other goroutines run before blocking.
+			runtime.Gosched()
+		}
+	}
+}
+
+// woken handles the inbox and commands; true when the loop must end.
+func (l *loop) woken() bool {
+	var b [8]byte
+	unix.Read(l.wake, b[:])
+	l.mu.Lock()
+	in := l.inbox
+	l.inbox = nil
+	l.mu.Unlock()
+	for _, a := range in {
+		l.addClient(a)
+	}
+	if l.cmdStop.Load() {
+		l.shutdown()
+		return true
+	}
+	if l.cmdAll.Swap(false) {
+		for c := range l.clients {
+			l.dropClient(c)
+		}
+	}
+	if l.cmdIdle.Swap(false) {
+		for c := range l.clients {
+			if c.x == nil && len(c.out) == 0 {
+				l.closeClient(c)
+			}
+		}
+	}
+	return false
+}
+
+func (l *loop) shutdown() {
+	l.mu.Lock()
+	l.stopped = true
+	in := l.inbox
+	l.inbox = nil
+	l.mu.Unlock()
+	for _, a := range in {
+		unix.Close(a.fd)
+		l.e.f.wg.Done()
+	}
+	for c := range l.clients {
+		l.dropClient(c)
+	}
+	for _, ups := range l.idle {
+		for _, u := range ups {
+			l.closeUp(u)
+		}
+	}
+	unix.Close(l.ep)
+	unix.Close(l.wake)
+}
+
+func (l *loop) register(fd int, gen uint32, o any, events uint32) error {
+	l.fds[int32(fd)] = o
+	return unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd), Pad: int32(gen)})
+}
+
+func (l *loop) rearm(fd int, gen uint32, events uint32) {
+	ev := unix.EpollEvent{Events: events, Fd: int32(fd), Pad: int32(gen)}
+	unix.RawSyscall6(unix.SYS_EPOLL_CTL, uintptr(l.ep), unix.EPOLL_CTL_MOD, uintptr(fd), uintptr(unsafe.Pointer(&ev)), 0, 0)
+}
+
+// The loop's reads and writes are on non-blocking sockets and return at
+// once, so they are made as raw system calls: the runtime does not mark
+// the goroutine as blocked in the kernel, and does not hand its processor
+// to another thread when a write to a local peer takes a few dozen
+// microseconds (which, at this rate, cost more than the writes).
+func rawRead(fd int, p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
+func rawWrite(fd int, p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	r, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	if e != 0 {
+		return -1, e
+	}
+	return int(r), nil
+}
+
+// pollNow is epoll_wait without waiting, made raw like the reads.
+func (l *loop) pollNow() (int, error) {
+	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.events[0])), uintptr(len(l.events)), 0, 0, 0)
+	if e != 0 {
+		return 0, e
+	}
+	return int(r), nil
+}
+
+func (l *loop) unregister(fd int) {
+	delete(l.fds, int32(fd))
+	unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, fd, nil)
+}
+
+func (l *loop) addClient(a adoptee) {
+	l.gen++
+	c := &econn{l: l, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: time.Now().UnixNano()}
+	c.w.closing = &l.e.f.closing
+	if err := l.register(a.fd, c.gen, c, unix.EPOLLIN); err != nil {
+		delete(l.fds, int32(a.fd))
+		unix.Close(a.fd)
+		l.e.f.wg.Done()
+		return
+	}
+	l.clients[c] = struct{}{}
+}
+
+// forgetClient takes c out of the loop; its descriptor is the caller's.
+func (l *loop) forgetClient(c *econn) {
+	l.unregister(c.fd)
+	delete(l.clients, c)
+}
+
+// closeClient closes an idle client connection.
+func (l *loop) closeClient(c *econn) {
+	l.forgetClient(c)
+	unix.Close(c.fd)
+	l.e.f.wg.Done()
+}
+
+// dropClient closes c whatever it is doing; a request in progress is
+// settled as one whose caller left.
+func (l *loop) dropClient(c *econn) {
+	if x := c.x; x != nil {
+		l.settleGone(x)
+	}
+	l.closeClient(c)
+}
+
+func (l *loop) clientEvent(c *econn, ev uint32) {
+	if ev&unix.EPOLLOUT != 0 {
+		l.flushClient(c)
+		if _, ok := l.clients[c]; !ok {
+			return
+		}
+	}
+	if ev&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) == 0 || c.inOff {
+		return
+	}
+	n, err := rawRead(c.fd, l.rbuf)
+	switch {
+	case n > 0:
+		c.in = append(c.in, l.rbuf[:n]...)
+		c.lastUsed = time.Now().UnixNano()
+		if c.x == nil {
+			l.serveNext(c)
+		} else if len(c.in) > 64<<10 {
+			// Pipelined far ahead: read on after this answer.
+			l.clientIn(c, false)
+		}
+	case err == unix.EAGAIN || err == unix.EINTR:
+	default:
+		// The client closed its side, or the connection broke.
+		if c.x == nil && len(c.out) == 0 {
+			l.closeClient(c)
+			return
+		}
+		c.eof = true
+		l.clientIn(c, false)
+		if c.x != nil && !c.x.head {
+			// Its request is still out: the goroutine path watches
+			// for a caller that left, and settles the request so.
+			l.handOver(c.x)
+		}
+	}
+}
+
+// clientIn arms or disarms reading c.
+func (l *loop) clientIn(c *econn, on bool) {
+	if c.inOff == !on {
+		return
+	}
+	c.inOff = !on
+	l.rearm(c.fd, c.gen, c.events())
+}
+
+func (c *econn) events() uint32 {
+	var ev uint32
+	if !c.inOff {
+		ev |= unix.EPOLLIN
+	}
+	if c.outOn {
+		ev |= unix.EPOLLOUT
+	}
+	return ev
+}
+
+// Write is the client connection's writer for the response: what the
+// socket does not take at once waits in out.
+func (c *econn) Write(p []byte) (int, error) {
+	if c.dead {
+		return 0, net.ErrClosed
+	}
+	n := len(p)
+	if len(c.out) == 0 {
+		for len(p) > 0 {
+			k, err := rawWrite(c.fd, p)
+			if k > 0 {
+				p = p[k:]
+				continue
+			}
+			if err == unix.EINTR {
+				continue
+			}
+			if err == unix.EAGAIN {
+				break
+			}
+			c.dead = true
+			return 0, err
+		}
+		if len(p) == 0 {
+			return n, nil
+		}
+	}
+	c.out = append(c.out, p...)
+	if !c.outOn {
+		c.outOn = true
+		c.l.rearm(c.fd, c.gen, c.events())
+	}
+	return n, nil
+}
+
+// flushClient sends what waits in c.out.
+func (l *loop) flushClient(c *econn) {
+	for len(c.out) > 0 {
+		k, err := rawWrite(c.fd, c.out)
+		if k > 0 {
+			c.out = c.out[:copy(c.out, c.out[k:])]
+			continue
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			break
+		}
+		c.dead = true
+		c.out = c.out[:0]
+		if c.x != nil {
+			l.clientFailed(c.x)
+		} else {
+			l.closeClient(c)
+		}
+		return
+	}
+	if x := c.x; x != nil && x.up != nil && x.up.inOff && len(c.out) < 64<<10 {
+		l.upIn(x.up, true)
+	}
+	if len(c.out) > 0 {
+		return
+	}
+	if cap(c.out) > 256<<10 {
+		c.out = nil
+	}
+	if c.outOn {
+		c.outOn = false
+		l.rearm(c.fd, c.gen, c.events())
+	}
+	if c.x == nil {
+		if c.closeNow || c.eof || c.dead {
+			l.closeClient(c)
+			return
+		}
+		l.serveNext(c)
+	}
+}
+
+// headEnd returns the length of the request head at the start of b, -1 if
+// it is not all there.
+func headEnd(b []byte) int {
+	if i := bytes.Index(b, headEndCRLF); i >= 0 {
+		if j := bytes.Index(b[:i+3], headEndLF); j >= 0 {
+			return j + 2
+		}
+		return i + 3
+	}
+	if j := bytes.Index(b, headEndLF); j >= 0 {
+		return j + 2
+	}
+	return -1
+}
+
+// serveNext starts the next request in c.in, if one is there. The answer
+// before must be out: answers go in order.
+func (l *loop) serveNext(c *econn) {
+	if c.x != nil || len(c.out) > 0 || len(c.in) == 0 {
+		return
+	}
+	if c.inOff && !c.eof {
+		l.clientIn(c, true)
+	}
+	cfg := l.e.s.cfg.Load()
+	end := headEnd(c.in)
+	if end < 0 {
+		// A head that comes in pieces, or too long: the goroutine path
+		// applies the header timeout and the size limit.
+		l.delegate(c, nil, nil, c.in)
+		return
+	}
+	l.rd.Reset(c.in[:end])
+	l.br.Reset(&l.rd)
+	l.raw = l.raw[:0]
+	req, ok, err := readHead(l.br, &l.raw, cfg.Proxy.MaxHeaderBytes, l.base)
+	if err != nil || !ok || l.br.Buffered() != 0 || l.rd.Len() != 0 {
+		l.delegate(c, nil, nil, c.in)
+		return
+	}
+	req.RemoteAddr = c.remote
+	if req.Body != nil && req.Body != http.NoBody {
+		l.delegate(c, nil, nil, c.in)
+		return
+	}
+	rest := c.in[end:]
+	x, st := l.begin(c, req, cfg)
+	if x == nil {
+		l.delegate(c, req, st, rest)
+		return
+	}
+	c.in = c.in[:copy(c.in, rest)]
+	c.streak = 0
+	c.x = x
+	l.send(x)
+}
+
+// delegate gives c to the goroutine path: req (nil: parse prefix) and st
+// say how far the loop got with the request at hand.
+func (l *loop) delegate(c *econn, req *http.Request, st *started, prefix []byte) {
+	f := l.e.f
+	l.e.handed.Add(1)
+	l.forgetClient(c)
+	nc, err := fdConn(c.fd)
+	if err != nil {
+		l.e.s.log.Error("event loop: cannot hand a connection over; closing it", "err", err)
+		if st != nil {
+			telemetry.EndServer(st.span, 0, telemetry.ErrTypeCanceled)
+			if t := st.try; t != nil {
+				abandon(t, st.u.guard)
+			}
+		}
+		f.wg.Done()
+		return
+	}
+	fc := &fastConn{nc: &replayConn{Conn: nc, prefix: bytes.Clone(prefix)}, remote: c.remote, req: req, first: st}
+	fc.ctx, fc.cancel = context.WithCancel(context.Background())
+	if streak := c.streak + 1; streak < 4 {
+		// Back to the loop when idle, unless the connection's requests
+		// keep needing the goroutine path (uploads, say): then moving
+		// it back and forth would cost more than it saves.
+		fc.back = func(nc net.Conn) bool { return l.e.adopt(nc, streak) }
+	}
+	f.mu.Lock()
+	f.conns[fc] = struct{}{}
+	f.mu.Unlock()
+	// The loop's count of the connection passes to the goroutine's.
+	go f.serveConn(fc)
+}
+
+// abandon settles a try no one will finish.
+func abandon(t *openTry, g *resilience.Guard) {
+	t.done(g.Classify(canceledCtx, context.Canceled, 0))
+	t.ep.InFlight.Add(-1)
+	telemetry.EndAttempt(t.aspan, 0, telemetry.ErrTypeCanceled)
+	if t.nc != nil {
+		t.nc.Close()
+	}
+}
+
+// begin starts req natively when the loop can: it routes, starts the
+// span, picks and admits an instance and builds the request for it. nil
+// means the goroutine path takes the request, with st (when not nil) for
+// what was begun.
+func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *started) {
+	s := l.e.s
+	if req.Method != http.MethodGet && req.Method != http.MethodHead {
+		return nil, nil
+	}
+	var u *upstream
+	dedicated := false
+	if fixed := l.e.f.l.fixed.Load(); fixed != nil {
+		u, dedicated = s.lookup(*fixed), true
+	} else if name := targetName(req); name != "" {
+		u = s.lookup(name)
+	}
+	if u == nil || u.inboundAddr != "" || upgradeType(req.Header) != "" || wantsTrailers(req.Header) {
+		return nil, nil
+	}
+	set := u.settings.Load()
+	if set.transport.fast == nil {
+		return nil, nil
+	}
+	g := u.guard
+	rc := g.Config()
+	if _, ok := req.Header[http.CanonicalHeaderKey(rc.Timeouts.Header)]; ok {
+		return nil, nil
+	}
+	snap := u.pool.Load()
+	if len(snap.Endpoints) == 0 {
+		return nil, nil
+	}
+	if stale, _, _ := u.stale(); stale {
+		return nil, nil
+	}
+	budget, err := rc.Timeouts.Budget(req)
+	if err != nil {
+		return nil, nil
+	}
+	start := time.Now()
+	u.requests.Add(1)
+	u.lastUsed.Store(start.UnixNano())
+	ctx, span := s.tel.StartServer(context.Background(), req, "")
+	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span} }
+	if span.IsRecording() {
+		return nil, begun()
+	}
+	hdr := make(http.Header, len(req.Header)+2)
+	copyEndToEnd(hdr, req.Header)
+	delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
+	peer := remoteIP(req)
+	if cfg.Proxy.XForwardedOn() {
+		setForwarded(hdr, req, peer, true)
+	}
+	clientIP := peer
+	if cfg.Proxy.TrustForwardedFor {
+		if ip, ok := firstForwarded(req.Header); ok {
+			clientIP = ip
+		}
+	}
+	host := req.Host
+	if dedicated {
+		host = u.name
+	}
+	preq := balance.Request{HTTP: req, ClientIP: clientIP, Now: start.UnixNano()}
+	preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
+	ep, err := snap.Picker.Pick(&preq)
+	if err != nil {
+		return nil, begun()
+	}
+	var done func(resilience.Outcome)
+	if preq.IgnoreHealth {
+		done = g.AdmitForced(ep.Stats)
+	} else if done, err = g.Admit(ep.Stats); err != nil {
+		return nil, begun()
+	}
+	g.RequestStarted()
+	x := &etry{c: c, req: req, span: span, g: g, dedicated: dedicated, deadline: maxTime}
+	x.ex = exchange{s: s, w: &c.w, r: req, u: u, start: start, ctx: ctx, snap: snap, tries: 1, instance: ep.ID}
+	ep.MarkPicked(preq.Now)
+	var bd, td time.Time
+	if budget > 0 {
+		bd = start.Add(budget)
+		x.deadline = bd.UnixNano()
+	}
+	rem := time.Duration(0)
+	if budget > 0 {
+		rem = max(time.Until(bd), time.Nanosecond)
+	}
+	if tt := rc.Timeouts.TryTimeout(rem); tt > 0 {
+		td = start.Add(tt)
+		x.deadline = min(x.deadline, td.UnixNano())
+	}
+	// The request for the instance, as outgoing builds it, in x. Its
+	// context is set when a goroutine takes it over.
+	x.url = url.URL{Scheme: "http", Host: ep.Address, Path: req.URL.Path, RawPath: req.URL.RawPath, RawQuery: req.URL.RawQuery, Opaque: req.URL.Opaque}
+	x.out = http.Request{Method: req.Method, URL: &x.url, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Header: hdr, Host: host}
+	out := &x.out
+	_, aspan := s.tel.StartAttempt(ctx, out, telemetry.Attempt{
+		Upstream: u.name, Algorithm: set.algorithm, InstanceID: ep.ID, InstanceAddr: ep.Address,
+		Candidates: preq.Candidates, Reason: preq.Reason, Score: preq.Score, HasScore: preq.Score != 0,
+		Breaker: ep.Breaker().String(),
+	})
+	ep.InFlight.Add(1)
+	metricsOf(s.tel).InFlight(u.name, 1)
+	x.ot = openTry{ep: ep, done: done, aspan: aspan, t0: start, deadline: td, out: out}
+	// The try's deadline is forward's to enforce once handed over; the
+	// request's own (bd) is forward's already, from start.
+	return x, nil
+}
+
+// send writes x's request to a pooled or new connection to its instance.
+func (l *loop) send(x *etry) {
+	rc := x.g.Config()
+	addr := x.ot.ep.Address
+	l.track(x, x.ot.t0.UnixNano()+int64(rc.Timeouts.Connect))
+	l.reqBuf.Reset()
+	l.reqW.Reset(&l.reqBuf)
+	if err := h1.WriteHead(l.reqW, x.ot.out); err != nil || l.reqW.Flush() != nil {
+		l.handOver(x) // the goroutine path reports the bad request
+		return
+	}
+	up := l.takeIdle(addr)
+	if up == nil {
+		var err error
+		if up, err = l.dial(addr); err != nil {
+			if up == nil && err == errNotLiteral {
+				l.handOver(x)
+				return
+			}
+			x.ot.err = &net.OpError{Op: "dial", Net: "tcp", Addr: tcpAddr(addr), Err: os.NewSyscallError("connect", err)}
+			l.handOver(x)
+			return
+		}
+	}
+	up.x = x
+	x.up = up
+	up.in = up.in[:0]
+	up.out = append(up.out[:0], l.reqBuf.Bytes()...)
+	if !up.connecting {
+		l.writeUp(up)
+	}
+}
+
+var errNotLiteral = errors.New("address is not a literal IPv4 address and port")
+
+func tcpAddr(addr string) net.Addr {
+	ap, err := netip.ParseAddrPort(addr)
+	if err != nil {
+		return nil
+	}
+	return net.TCPAddrFromAddrPort(ap)
+}
+
+// track puts x among the tries the loop watches for their deadlines.
+func (l *loop) track(x *etry, connectBy int64) {
+	x.handAt = min(x.deadline, connectBy)
+	x.idx = len(l.inflight)
+	l.inflight = append(l.inflight, x)
+	l.nextDue = min(l.nextDue, x.handAt)
+}
+
+func (l *loop) untrack(x *etry) {
+	if x.idx < 0 {
+		return
+	}
+	last := l.inflight[len(l.inflight)-1]
+	l.inflight[x.idx] = last
+	last.idx = x.idx
+	l.inflight[len(l.inflight)-1] = nil
+	l.inflight = l.inflight[:len(l.inflight)-1]
+	x.idx = -1
+	if len(l.inflight) == 0 {
+		l.nextDue = maxTime
+	}
+}
+
+// sweep hands over the tries whose time is up: the goroutine path applies
+// the timeouts themselves. An answer already under way is cut.
+func (l *loop) sweep(now int64) {
+	next := maxTime
+	for i := 0; i < len(l.inflight); {
+		x := l.inflight[i]
+		if x.handAt > now {
+			next = min(next, x.handAt)
+			i++
+			continue
+		}
+		if x.head {
+			l.upFailed(x, context.DeadlineExceeded)
+		} else {
+			l.handOver(x)
+		}
+		// x left the list; i now holds another.
+	}
+	l.nextDue = next
+}
+
+// sweepIdle closes client connections idle past the idle timeout and
+// pooled instance connections idle past theirs.
+func (l *loop) sweepIdle(now int64) {
+	idle := int64(l.e.s.cfg.Load().Proxy.IdleTimeout)
+	for c := range l.clients {
+		if c.x == nil && len(c.out) == 0 && idle > 0 && now-c.lastUsed > idle {
+			l.closeClient(c)
+		}
+	}
+	for addr, ups := range l.idle {
+		kept := ups[:0]
+		for _, u := range ups {
+			if now-u.idleSince > int64(config.DefaultIdleConnTimeout) {
+				l.closeUp(u)
+			} else {
+				kept = append(kept, u)
+			}
+		}
+		clear(ups[len(kept):])
+		if len(kept) == 0 {
+			delete(l.idle, addr)
+		} else {
+			l.idle[addr] = kept
+		}
+	}
+}
+
+func (l *loop) takeIdle(addr string) *upconn {
+	ups := l.idle[addr]
+	if len(ups) == 0 {
+		return nil
+	}
+	u := ups[len(ups)-1]
+	ups[len(ups)-1] = nil
+	l.idle[addr] = ups[:len(ups)-1]
+	u.reused = true
+	return u
+}
+
+// dial opens a connection to addr without waiting for it.
+func (l *loop) dial(addr string) (*upconn, error) {
+	sa, ok := l.addrs[addr]
+	if !ok {
+		if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4() {
+			sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+		}
+		l.addrs[addr] = sa
+	}
+	if sa == nil {
+		return nil, errNotLiteral
+	}
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1)
+	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1)
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 30)
+	unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 30)
+	err = unix.Connect(fd, sa)
+	if err != nil && err != unix.EINPROGRESS && err != unix.EINTR {
+		unix.Close(fd)
+		return nil, err
+	}
+	l.gen++
+	u := &upconn{fd: fd, gen: l.gen, addr: addr, connecting: err != nil}
+	ev := uint32(unix.EPOLLIN)
+	if u.connecting {
+		ev |= unix.EPOLLOUT
+		u.outOn = true
+	}
+	if err := l.register(fd, u.gen, u, ev); err != nil {
+		delete(l.fds, int32(fd))
+		unix.Close(fd)
+		return nil, err
+	}
+	return u, nil
+}
+
+func (u *upconn) events() uint32 {
+	var ev uint32
+	if !u.inOff {
+		ev |= unix.EPOLLIN
+	}
+	if u.outOn {
+		ev |= unix.EPOLLOUT
+	}
+	return ev
+}
+
+func (l *loop) upIn(u *upconn, on bool) {
+	if u.inOff == !on {
+		return
+	}
+	u.inOff = !on
+	l.rearm(u.fd, u.gen, u.events())
+}
+
+func (l *loop) closeUp(u *upconn) {
+	l.unregister(u.fd)
+	unix.Close(u.fd)
+}
+
+// writeUp sends what waits in u.out.
+func (l *loop) writeUp(u *upconn) {
+	x := u.x
+	for len(u.out) > 0 {
+		k, err := rawWrite(u.fd, u.out)
+		if k > 0 {
+			u.out = u.out[:copy(u.out, u.out[k:])]
+			continue
+		}
+		if err == unix.EINTR {
+			continue
+		}
+		if err == unix.EAGAIN {
+			if !u.outOn {
+				u.outOn = true
+				l.rearm(u.fd, u.gen, u.events())
+			}
+			return
+		}
+		// The instance's connection is gone. A pooled one may have been
+		// closed while idle: the goroutine path sends again on a new
+		// one, as its client does; a new one failing is the
+		// instance's failure.
+		x.up = nil
+		u.x = nil
+		l.closeUp(u)
+		if !u.reused {
+			x.ot.err = &net.OpError{Op: "write", Net: "tcp", Addr: tcpAddr(u.addr), Err: os.NewSyscallError("write", err)}
+		}
+		l.handOver(x)
+		return
+	}
+	if u.outOn {
+		u.outOn = false
+		l.rearm(u.fd, u.gen, u.events())
+	}
+	x.ot.sent = true
+	x.ot.written = time.Now()
+	// From here the response header timeout counts.
+	if ht := x.g.Config().Timeouts.ResponseHeader; ht > 0 {
+		x.handAt = min(x.deadline, x.ot.written.Add(ht).UnixNano())
+	} else {
+		x.handAt = x.deadline
+	}
+	l.nextDue = min(l.nextDue, x.handAt)
+}
+
+func (l *loop) upEvent(u *upconn, ev uint32) {
+	x := u.x
+	if x == nil {
+		// Pooled and idle: the instance closed it, or sent what no
+		// request asked for. Either way it cannot serve again.
+		l.dropIdle(u)
+		return
+	}
+	if u.connecting {
+		if ev&(unix.EPOLLOUT|unix.EPOLLERR|unix.EPOLLHUP) == 0 {
+			return
+		}
+		u.connecting = false
+		if serr, err := unix.GetsockoptInt(u.fd, unix.SOL_SOCKET, unix.SO_ERROR); err != nil || serr != 0 {
+			e := error(unix.Errno(serr))
+			if err != nil {
+				e = err
+			}
+			x.up, u.x = nil, nil
+			l.closeUp(u)
+			x.ot.err = &net.OpError{Op: "dial", Net: "tcp", Addr: tcpAddr(u.addr), Err: os.NewSyscallError("connect", e)}
+			l.handOver(x)
+			return
+		}
+		// Connected: the connect timeout no longer counts.
+		x.handAt = x.deadline
+		l.writeUp(u)
+		return
+	}
+	if ev&unix.EPOLLOUT != 0 && len(u.out) > 0 {
+		l.writeUp(u)
+		if u.x == nil {
+			return
+		}
+	}
+	if ev&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) == 0 || u.inOff {
+		return
+	}
+	n, err := rawRead(u.fd, l.rbuf)
+	if n < 0 && (err == unix.EAGAIN || err == unix.EINTR) {
+		return
+	}
+	if !x.head {
+		if n <= 0 {
+			// Closed before a whole head: the goroutine path reads the
+			// end as its client would, and decides what it was.
+			l.handOver(x)
+			return
+		}
+		u.in = append(u.in, l.rbuf[:n]...)
+		l.answer(x)
+		return
+	}
+	if n <= 0 {
+		l.upFailed(x, io.ErrUnexpectedEOF)
+		return
+	}
+	l.body(x, l.rbuf[:n])
+}
+
+// dropIdle closes a pooled connection and takes it out of the pool.
+func (l *loop) dropIdle(u *upconn) {
+	ups := l.idle[u.addr]
+	for i, v := range ups {
+		if v == u {
+			ups[i] = ups[len(ups)-1]
+			ups[len(ups)-1] = nil
+			l.idle[u.addr] = ups[:len(ups)-1]
+			break
+		}
+	}
+	l.closeUp(u)
+}
+
+// answer looks at what the instance sent so far: a plain success framed
+// by Content-Length goes out natively, anything else to the goroutine
+// path, which sees it as its own client would have.
+func (l *loop) answer(x *etry) {
+	u := x.up
+	resp, hl, err := l.hp.Parse(x.ot.out, u.in)
+	if err == h1.ErrIncomplete {
+		if len(u.in) > 1<<20 {
+			l.handOver(x)
+		}
+		return
+	}
+	if err != nil {
+		l.handOver(x)
+		return
+	}
+	st := resp.StatusCode
+	if st < 200 || st >= 400 || resp.ProtoMinor != 1 {
+		l.handOver(x)
+		return
+	}
+	if _, ok := resp.Header["Transfer-Encoding"]; ok {
+		l.handOver(x)
+		return
+	}
+	if _, ok := resp.Header["Trailer"]; ok {
+		l.handOver(x)
+		return
+	}
+	noBody := x.req.Method == http.MethodHead || st == http.StatusNoContent || st == http.StatusNotModified
+	length := int64(0)
+	if !noBody {
+		cl := resp.Header["Content-Length"]
+		if len(cl) != 1 {
+			l.handOver(x)
+			return
+		}
+		n, ok := parseLength(cl[0])
+		if !ok {
+			l.handOver(x)
+			return
+		}
+		length = n
+	}
+	o := x.g.Classify(context.Background(), nil, st)
+	if o.Failure() {
+		l.handOver(x)
+		return
+	}
+	now := time.Now()
+	ep := x.ot.ep
+	ep.ObserveLatencyAt(now.Sub(x.ot.t0), now.UnixNano(), balance.DecayOf(x.ex.snap.Policy))
+	x.o, x.status, x.head, x.left = o, st, true, length
+	l.e.native.Add(1)
+	x.reuse = !connectionClose(resp.Header)
+	x.handAt = x.deadline
+	c := x.c
+	w := &c.w
+	w.bw = l.bw
+	l.bw.Reset(c)
+	w.reset(x.req)
+	copyEndToEnd(w.Header(), resp.Header)
+	w.WriteHeader(st)
+	x.ex.status, x.ex.wire = st, st
+	rest := u.in[hl:]
+	u.in = u.in[:0]
+	if noBody {
+		if len(rest) > 0 {
+			x.reuse = false
+		}
+		l.complete(x)
+		return
+	}
+	if length == 0 {
+		w.Flush()
+	}
+	l.body(x, rest)
+}
+
+// body passes on part of the answer's body.
+func (l *loop) body(x *etry, p []byte) {
+	if int64(len(p)) > x.left {
+		// More than the length said: the connection cannot be trusted.
+		p = p[:x.left]
+		x.reuse = false
+	}
+	if len(p) > 0 {
+		w := &x.c.w
+		l.bw.Reset(x.c)
+		if _, err := w.Write(p); err != nil {
+			l.clientFailed(x)
+			return
+		}
+		if err := l.bw.Flush(); err != nil {
+			l.clientFailed(x)
+			return
+		}
+		x.left -= int64(len(p))
+		x.ex.bytes += int64(len(p))
+	}
+	if x.left == 0 {
+		l.complete(x)
+		return
+	}
+	if len(x.c.out) > 256<<10 {
+		// The client reads slower than the instance sends: wait for it.
+		l.upIn(x.up, false)
+	}
+}
+
+// complete ends a request whose answer went out whole.
+func (l *loop) complete(x *etry) {
+	c := x.c
+	w := &c.w
+	l.bw.Reset(c)
+	ferr := w.finish()
+	l.finishTry(x, x.o)
+	if u := x.up; u != nil {
+		x.up, u.x = nil, nil
+		l.release(u, x)
+	}
+	l.endRequest(x)
+	if ferr != nil || c.dead {
+		c.out = c.out[:0]
+		l.closeClient(c)
+		return
+	}
+	c.lastUsed = time.Now().UnixNano()
+	if w.closeAfter || l.e.f.closing.Load() {
+		c.closeNow = true
+	}
+	if len(c.out) > 0 {
+		return // flushClient goes on
+	}
+	if c.closeNow || c.eof {
+		l.closeClient(c)
+		return
+	}
+	l.serveNext(c)
+}
+
+// release pools u again, or closes it.
+func (l *loop) release(u *upconn, x *etry) {
+	if !x.reuse || len(u.in) > 0 || u.inOff && !l.reenable(u) {
+		l.closeUp(u)
+		return
+	}
+	max := x.ex.u.settings.Load().cfg.MaxIdlePerInstance
+	if max <= 0 {
+		max = 64
+	}
+	if len(l.idle[u.addr]) >= max {
+		l.closeUp(u)
+		return
+	}
+	u.idleSince = time.Now().UnixNano()
+	l.idle[u.addr] = append(l.idle[u.addr], u)
+}
+
+func (l *loop) reenable(u *upconn) bool {
+	l.upIn(u, true)
+	return true
+}
+
+// finishTry settles the try as forward's endTry does.
+func (l *loop) finishTry(x *etry, o resilience.Outcome) {
+	l.untrack(x)
+	x.ex.endTry(x.ot.ep, x.ot.done, o, x.ot.aspan, x.status, x.ot.t0, nil)
+}
+
+// endRequest records the request and frees its client for the next.
+func (l *loop) endRequest(x *etry) {
+	x.ex.record(x.span)
+	x.c.x = nil
+}
+
+// clientFailed ends a request whose client can no longer be written to.
+func (l *loop) clientFailed(x *etry) {
+	o := x.g.Classify(context.Background(), context.Canceled, x.status)
+	l.finishTry(x, o)
+	if u := x.up; u != nil {
+		x.up, u.x = nil, nil
+		l.closeUp(u)
+	}
+	l.endRequest(x)
+	l.closeClient(x.c)
+}
+
+// upFailed ends a request whose answer broke off after its head went out:
+// the client's connection is closed, so it sees a cut answer, not a short one.
+func (l *loop) upFailed(x *etry, rerr error) {
+	l.e.s.log.Warn("upstream response broke off", "instance", x.ot.ep.ID, "err", rerr)
+	o := x.g.Classify(context.Background(), rerr, x.status)
+	x.ex.errType, x.ex.errMsg = o.Kind(), "response broke off: "+rerr.Error()
+	l.finishTry(x, o)
+	if u := x.up; u != nil {
+		x.up, u.x = nil, nil
+		l.closeUp(u)
+	}
+	l.endRequest(x)
+	l.bw.Reset(x.c)
+	l.bw.Flush()
+	x.c.dead = true
+	x.c.out = x.c.out[:0]
+	l.closeClient(x.c)
+}
+
+// settleGone settles a request whose connection the loop drops.
+func (l *loop) settleGone(x *etry) {
+	o := x.g.Classify(canceledCtx, context.Canceled, 0)
+	l.finishTry(x, o)
+	if u := x.up; u != nil {
+		x.up, u.x = nil, nil
+		l.closeUp(u)
+	}
+	x.ex.status, x.ex.errType = 499, telemetry.ErrTypeCanceled
+	l.endRequest(x)
+}
+
+// handOver gives x, and its client connection, to the goroutine path,
+// which takes the try where it stands.
+func (l *loop) handOver(x *etry) {
+	l.untrack(x)
+	if u := x.up; u != nil {
+		x.up, u.x = nil, nil
+		if x.ot.sent {
+			l.unregister(u.fd)
+			nc, err := fdConn(u.fd)
+			if err != nil {
+				x.ot.err = err
+			} else {
+				x.ot.nc, x.ot.buffered, x.ot.reused = nc, bytes.Clone(u.in), u.reused
+			}
+		} else {
+			l.closeUp(u)
+		}
+	}
+	if x.ot.err != nil {
+		x.ot.sent = false
+	} else if x.ot.nc == nil {
+		x.ot.sent = false
+	}
+	c := x.c
+	c.x = nil
+	st := &started{u: x.ex.u, start: x.ex.start, dedicated: x.dedicated, span: x.span, try: &x.ot}
+	l.delegate(c, x.req, st, c.in)
+}
+
+// parseLength parses a Content-Length value as h1 does.
+func parseLength(v string) (int64, bool) {
+	if v == "" || len(v) > 18 {
+		return 0, false
+	}
+	var n int64
+	for i := 0; i < len(v); i++ {
+		if v[i] < '0' || v[i] > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(v[i]-'0')
+	}
+	return n, true
+}
+
+// connectionClose reports whether a response's Connection field says close.
+func connectionClose(h http.Header) bool {
+	for _, v := range h["Connection"] {
+		if strings.EqualFold(v, "keep-alive") {
+			continue // the usual
+		}
+		if containsToken(v, "close") {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,328 @@
+//go:build linux
+
+package sidecar
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// engineOf returns the event loops of s's outbound listener; the test is
+// skipped when the suite runs with them off.
+func engineOf(t *testing.T, s *Sidecar) *engine {
+	t.Helper()
+	if os.Getenv("MESHD_TEST_FAST_PATH") != "" {
+		t.Skip("event loops are off in this run")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	l := s.listeners["outbound"]
+	if l == nil || l.fast == nil || l.fast.eng == nil {
+		t.Fatal("the outbound listener has no event loops")
+	}
+	return l.fast.eng
+}
+
+// loopConn is a client connection to the outbound listener that writes
+// requests as given and reads answers one by one.
+type loopConn struct {
+	t  *testing.T
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialRaw(t *testing.T, s *Sidecar) *loopConn {
+	t.Helper()
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	return &loopConn{t: t, c: c, br: bufio.NewReader(c)}
+}
+
+func (r *loopConn) send(s string) {
+	r.t.Helper()
+	if _, err := io.WriteString(r.c, s); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// answer reads one answer to a request of method.
+func (r *loopConn) answer(method string) (*http.Response, string) {
+	r.t.Helper()
+	resp, err := http.ReadResponse(r.br, &http.Request{Method: method})
+	if err != nil {
+		r.t.Fatalf("reading an answer: %v", err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		r.t.Fatalf("reading a body: %v", err)
+	}
+	return resp, string(b)
+}
+
+// Plain GETs are answered by the loop, which keeps its connection to the
+// instance for the next one.
+func TestEventLoopAnswersAndReusesItsConnection(t *testing.T) {
+	var conns atomic.Int64
+	b := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Path", r.URL.Path)
+		fmt.Fprintf(w, "hello %s via %s", r.URL.Path, r.Header.Get("X-Forwarded-For"))
+	}))
+	b.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	b.Start()
+	t.Cleanup(b.Close)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.Listener.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	for i := 0; i < 3; i++ {
+		path := fmt.Sprintf("/n%d", i)
+		c.send("GET " + path + " HTTP/1.1\r\nHost: svc\r\n\r\n")
+		resp, body := c.answer("GET")
+		if resp.StatusCode != 200 || body != "hello "+path+" via 127.0.0.1" || resp.Header.Get("X-Path") != path {
+			t.Fatalf("GET %s: %d %q %v", path, resp.StatusCode, body, resp.Header)
+		}
+	}
+	if n := e.native.Load(); n != 3 {
+		t.Errorf("the loops answered %d of 3 GETs", n)
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("the instance saw %d connections for 3 GETs in a row, want 1", n)
+	}
+}
+
+// Requests the loop does not serve itself go to the goroutine path on the
+// same connection, in order, and the connection comes back to the loop.
+func TestEventLoopHandsOverAndTakesBack(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		if r.URL.Path == "/missing" {
+			http.Error(w, "no such thing", http.StatusNotFound)
+			return
+		}
+		fmt.Fprintf(w, "%s %s %s", r.Method, r.URL.Path, body)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	steps := []struct {
+		req, method string
+		status      int
+		body        string
+	}{
+		{"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n", "GET", 200, "GET /a "},
+		{"POST /b HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nxyz", "POST", 200, "POST /b xyz"},
+		{"GET /missing HTTP/1.1\r\nHost: svc\r\n\r\n", "GET", 404, "no such thing\n"},
+		{"GET /c HTTP/1.1\r\nHost: nowhere\r\n\r\n", "GET", 403, ""},
+		{"HEAD /d HTTP/1.1\r\nHost: svc\r\n\r\n", "HEAD", 200, ""},
+		{"GET /e HTTP/1.1\r\nHost: svc\r\n\r\n", "GET", 200, "GET /e "},
+	}
+	for _, st := range steps {
+		c.send(st.req)
+		resp, body := c.answer(st.method)
+		if resp.StatusCode != st.status || st.body != "" && body != st.body {
+			t.Fatalf("%q: have %d %q, want %d %q", strings.SplitN(st.req, "\r\n", 2)[0], resp.StatusCode, body, st.status, st.body)
+		}
+	}
+	// GET /a, HEAD /d and GET /e by the loop: the last proves the
+	// connection came back after the requests handed over.
+	if n, h := e.native.Load(), e.handed.Load(); n != 3 || h != 3 {
+		t.Errorf("loop answered %d, handed over %d; want 3 and 3", n, h)
+	}
+}
+
+// Pipelined requests are answered in order, the loop's and the goroutine
+// path's alike.
+func TestEventLoopPipelining(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%s%s", r.URL.Path, body)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /1 HTTP/1.1\r\nHost: svc\r\n\r\nGET /2 HTTP/1.1\r\nHost: svc\r\n\r\n" +
+		"PUT /3 HTTP/1.1\r\nHost: svc\r\nContent-Length: 1\r\n\r\n!GET /4 HTTP/1.1\r\nHost: svc\r\n\r\n")
+	for _, want := range []string{"/1", "/2", "/3!", "/4"} {
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != want {
+			t.Fatalf("want 200 %q, have %d %q", want, resp.StatusCode, body)
+		}
+	}
+}
+
+// A large answer to a client that reads slowly arrives whole: the loop
+// stops reading the instance while the client catches up.
+func TestEventLoopSlowReaderGetsAWholeBody(t *testing.T) {
+	big := bytes.Repeat([]byte("0123456789abcdef"), 1<<18) // 4 MiB
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", fmt.Sprint(len(big)))
+		w.Write(big)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
+	resp, err := http.ReadResponse(c.br, &http.Request{Method: "GET"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got bytes.Buffer
+	buf := make([]byte, 64<<10)
+	for i := 0; ; i++ {
+		if i%8 == 0 {
+			time.Sleep(2 * time.Millisecond) // a slow reader, not synchronisation
+		}
+		n, err := resp.Body.Read(buf)
+		got.Write(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", got.Len(), err)
+		}
+	}
+	if !bytes.Equal(got.Bytes(), big) {
+		t.Fatalf("body: %d bytes, want %d, equal %v", got.Len(), len(big), bytes.Equal(got.Bytes(), big))
+	}
+	if e.native.Load() != 1 {
+		t.Errorf("the loop answered %d requests, want 1", e.native.Load())
+	}
+}
+
+// An instance that breaks off its answer after the head leaves the client
+// with a cut answer, never a short one passed as whole, and the loop goes
+// on serving.
+func TestEventLoopBrokenAnswerIsCut(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				req, err := http.ReadRequest(bufio.NewReader(c))
+				if err != nil {
+					return
+				}
+				if req.URL.Path == "/cut" {
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
+					return
+				}
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+			}(c)
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ln.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /cut HTTP/1.1\r\nHost: svc\r\n\r\n")
+	resp, err := http.ReadResponse(c.br, &http.Request{Method: "GET"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(resp.Body); err == nil {
+		t.Fatal("a body cut short read as whole")
+	}
+	// Settled before the client's connection closed.
+	if st := rzInstance(t, s, "svc", ln.Addr().String()); st.Requests != 1 || st.Failures != 1 {
+		t.Errorf("instance counted %d requests, %d failed; want 1 and 1", st.Requests, st.Failures)
+	}
+	c2 := dialRaw(t, s)
+	c2.send("GET /fine HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c2.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("after the cut answer: %d %q", resp.StatusCode, body)
+	}
+	if e.native.Load() != 2 {
+		t.Errorf("the loop passed on %d answers, want 2", e.native.Load())
+	}
+}
+
+// A GET sent on a pooled connection the instance had closed is sent again
+// on a new one, as the goroutine path's client does.
+func TestEventLoopResendsAGETAfterAStaleConnection(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var reqs atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				// Answers one request per connection, then reads the
+				// next and closes unanswered.
+				for n := 0; ; n++ {
+					if _, err := http.ReadRequest(br); err != nil {
+						return
+					}
+					reqs.Add(1)
+					if n > 0 {
+						return
+					}
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				}
+			}(c)
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ln.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	for i := 0; i < 2; i++ {
+		c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("GET %d: %d %q", i, resp.StatusCode, body)
+		}
+	}
+	if n := reqs.Load(); n != 3 {
+		t.Errorf("instance read %d requests, want 3 (the second GET twice)", n)
+	}
+	if e.handed.Load() != 1 {
+		t.Errorf("handed over %d requests, want 1 (the resend)", e.handed.Load())
+	}
+}
+
+// Connections idle past proxy.idle_timeout are closed by the loop.
+func TestEventLoopClosesIdleConnections(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("proxy: {idle_timeout: 1s}\ndiscovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+	c.answer("GET")
+	t0 := time.Now()
+	c.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.br.ReadByte(); err != io.EOF {
+		t.Fatalf("idle connection: want EOF from the close, have %v", err)
+	}
+	if d := time.Since(t0); d < 900*time.Millisecond {
+		t.Errorf("closed after %v, before the idle timeout", d)
+	}
+}

@@ -1,0 +1,23 @@
+//go:build !linux
+
+package sidecar
+
+import (
+	"errors"
+	"net"
+)
+
+// engine is the event-loop server, which only Linux has; elsewhere proxy
+// listeners are served by fastServer's goroutines alone.
+type engine struct{}
+
+const engineOn = false
+
+func newEngine(*fastServer) (*engine, error) {
+	return nil, errors.New("event loops need Linux")
+}
+
+func (e *engine) adopt(net.Conn, int) bool { return false }
+func (e *engine) closeIdle()               {}
+func (e *engine) closeAll()                {}
+func (e *engine) stop()                    {}

@@ -1,0 +1,69 @@
+package sidecar
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"time"
+
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/resilience"
+)
+
+// started is a request the event loop began and hands to forward: its
+// server span, and the try it had under way, if any. forward goes on from
+// there as if it had done those steps itself. Owned by one goroutine at a
+// time: the loop's until the hand-over, forward's after.
+type started struct {
+	u         *upstream
+	start     time.Time
+	dedicated bool
+	span      trace.Span
+	try       *openTry
+}
+
+// openTry is a try the event loop began: the instance is picked, admitted
+// by its breaker and counted in flight, and the attempt's span is started.
+type openTry struct {
+	ep       *balance.Endpoint
+	done     func(resilience.Outcome)
+	aspan    trace.Span
+	t0       time.Time
+	deadline time.Time     // the try's own deadline; zero for none
+	out      *http.Request // the request for the instance
+	// sent is true once out was written on nc, at written; buffered is
+	// what the instance answered so far, and reused says nc had served
+	// an exchange before this one.
+	sent     bool
+	nc       net.Conn
+	buffered []byte
+	reused   bool
+	written  time.Time
+	// err, when set, is how the try ended before it was sent.
+	err error
+}
+
+// takeTry returns the open try, once; nil when there is none.
+func (st *started) takeTry() *openTry {
+	if st == nil {
+		return nil
+	}
+	t := st.try
+	st.try = nil
+	return t
+}
+
+// finish completes the try under ctx: sends it when it was not sent yet,
+// otherwise reads the instance's answer on the connection it was sent on.
+func (t *openTry) finish(ctx context.Context, tr *upstreamTransport) (*http.Response, error) {
+	if t.err != nil {
+		return nil, t.err
+	}
+	out := t.out.WithContext(ctx)
+	if !t.sent {
+		return tr.RoundTrip(out)
+	}
+	return tr.fast.Resume(out, t.nc, t.buffered, t.reused, t.written)
+}

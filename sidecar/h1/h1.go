@@ -100,6 +100,10 @@ type conn struct {
 	// arena and fields are reused across response heads.
 	arena  []byte
 	fields []field
+	// reuse and reuseHdr, when set (a HeadParser's), hold every head
+	// parsed: each is valid until the next.
+	reuse    *respBlock
+	reuseHdr http.Header
 	// rdl and wdl are the deadlines set on nc, kept to skip setting them
 	// again. Only the exchange's goroutine uses them; a cancellation sets
 	// nc's deadlines itself, and a cancelled conn is never reused.
@@ -696,7 +700,12 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 		return nil, fmt.Errorf("h1: malformed status code in %q", truncate(string(line)))
 	}
 	// The response and the first header values share one allocation.
-	blk := new(respBlock)
+	blk := c.reuse
+	if blk == nil {
+		blk = new(respBlock)
+	} else {
+		*blk = respBlock{}
+	}
 	resp := &blk.resp
 	*resp = http.Response{
 		StatusCode: code,
@@ -757,7 +766,15 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 	if len(fields) > len(vals) {
 		vals = make([]string, len(fields))
 	}
-	resp.Header = make(http.Header, len(fields))
+	if c.reuse != nil && c.reuseHdr != nil {
+		clear(c.reuseHdr)
+		resp.Header = c.reuseHdr
+	} else {
+		resp.Header = make(http.Header, len(fields))
+		if c.reuse != nil {
+			c.reuseHdr = resp.Header
+		}
+	}
 	for i, f := range fields {
 		vals[i] = values[f.start:f.end]
 		if prev, ok := resp.Header[f.key]; ok {

@@ -60,8 +60,9 @@ func (c *prefixConn) Read(p []byte) (int, error) {
 }
 
 // HeadParser parses response heads held in memory with the rules RoundTrip
-// applies to those it reads. Not safe for concurrent use; reusing one keeps
-// a head's parse to a few allocations.
+// applies to those it reads. Not safe for concurrent use. It reuses its
+// response: what Parse returns, header values included, is valid only
+// until the next Parse. A head's parse then costs one allocation.
 type HeadParser struct {
 	c  conn
 	rd bytes.Reader
@@ -76,6 +77,7 @@ var ErrIncomplete = errors.New("h1: response head incomplete")
 func (p *HeadParser) Parse(req *http.Request, b []byte) (*http.Response, int, error) {
 	p.rd.Reset(b)
 	if p.c.br == nil {
+		p.c.reuse = new(respBlock)
 		p.c.br = bufio.NewReaderSize(&p.rd, 8<<10)
 	} else {
 		p.c.br.Reset(&p.rd)

@@ -202,6 +202,8 @@ type loop struct {
 	idle     map[string][]*upconn
 	addrs    map[string]*unix.SockaddrInet4
 	inflight []*etry
+	free     []*etry
+	now      int64 // when the batch of events at hand began, unix ns
 	nextDue  int64 // earliest handAt among inflight
 	lastIdle int64
 	events   []unix.EpollEvent
@@ -272,6 +274,9 @@ type econn struct {
 	eof      bool // the client shut its side
 	dead     bool // writing failed
 	closeNow bool // close once out is sent
+	peerSet  bool
+	peer     netip.Addr
+	xff      []string // X-Forwarded-For naming this client alone
 	w        fastWriter
 }
 
@@ -330,6 +335,9 @@ func (l *loop) run() {
 		}
 		for i := 0; i < n; i++ {
 			ev := l.events[i]
+			if i == 0 {
+				l.now = time.Now().UnixNano()
+			}
 			if int(ev.Fd) == l.wake {
 				if l.woken() {
 					return
@@ -357,24 +365,22 @@ func (l *loop) run() {
 		}
 		switch {
 		case n > 0:
-			msec = 0 // look again at once: more may be ready
-		case l.nextDue != maxTime:
-			msec = int(min((l.nextDue-now)/int64(time.Millisecond)+1, 1000))
-		default:
-			msec = 1000
-		}
-		if n > 0 {
+			// Look again at once, without the cost of a blocking
+			// system call: more is likely ready.
+			msec = 0
 			if busy++; busy%32 == 0 {
 				// A loop kept busy never blocks, and its processor
 				// would serve nothing else: requests on the goroutine
 				// path would wait for the scheduler to preempt it.
 				runtime.Gosched()
 			}
-			continue
-		}
-		if msec > 0 {
-			// Nothing was ready: let other goroutines run before blocking.
-			runtime.Gosched()
+		default:
+			// A quiet moment: wait in the kernel. (The runtime gives
+			// the processor to other goroutines while the loop waits.)
+			msec = 1000
+			if l.nextDue != maxTime {
+				msec = int(min((l.nextDue-now)/int64(time.Millisecond)+1, 1000))
+			}
 		}
 	}
 }
@@ -531,7 +537,7 @@ func (l *loop) clientEvent(c *econn, ev uint32) {
 	switch {
 	case n > 0:
 		c.in = append(c.in, l.rbuf[:n]...)
-		c.lastUsed = time.Now().UnixNano()
+		c.lastUsed = l.now
 		if c.x == nil {
 			l.serveNext(c)
 		} else if len(c.in) > 64<<10 {
@@ -805,9 +811,21 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	hdr := make(http.Header, len(req.Header)+2)
 	copyEndToEnd(hdr, req.Header)
 	delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
-	peer := remoteIP(req)
+	if !c.peerSet {
+		c.peer, c.peerSet = remoteIP(req), true
+		c.xff = []string{peerHost(c.remote)}
+	}
+	peer := c.peer
 	if cfg.Proxy.XForwardedOn() {
-		setForwarded(hdr, req, peer, true)
+		if _, prior := req.Header["X-Forwarded-For"]; !prior && peer.IsValid() {
+			// setForwarded's work, with the connection's own value.
+			hdr["X-Forwarded-For"] = c.xff
+			if _, ok := hdr["X-Forwarded-Proto"]; !ok {
+				hdr["X-Forwarded-Proto"] = protoHTTP // the app's own is kept
+			}
+		} else {
+			setForwarded(hdr, req, peer, true)
+		}
 	}
 	clientIP := peer
 	if cfg.Proxy.TrustForwardedFor {
@@ -832,7 +850,8 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 		return nil, begun()
 	}
 	g.RequestStarted()
-	x := &etry{c: c, req: req, span: span, g: g, dedicated: dedicated, deadline: maxTime}
+	x := l.newTry()
+	x.c, x.req, x.span, x.g, x.dedicated, x.deadline = c, req, span, g, dedicated, maxTime
 	x.ex = exchange{s: s, w: &c.w, r: req, u: u, start: start, ctx: ctx, snap: snap, tries: 1, instance: ep.ID}
 	ep.MarkPicked(preq.Now)
 	var bd, td time.Time
@@ -1250,7 +1269,9 @@ func (l *loop) answer(x *etry) {
 		l.complete(x)
 		return
 	}
-	if length == 0 {
+	if len(rest) == 0 {
+		// The head goes now: its values live in the parser, which the
+		// next answer reuses.
 		w.Flush()
 	}
 	l.body(x, rest)
@@ -1270,15 +1291,15 @@ func (l *loop) body(x *etry, p []byte) {
 			l.clientFailed(x)
 			return
 		}
-		if err := l.bw.Flush(); err != nil {
-			l.clientFailed(x)
-			return
-		}
 		x.left -= int64(len(p))
 		x.ex.bytes += int64(len(p))
 	}
 	if x.left == 0 {
-		l.complete(x)
+		l.complete(x) // flushes what the buffer holds, once settled
+		return
+	}
+	if err := l.bw.Flush(); err != nil {
+		l.clientFailed(x)
 		return
 	}
 	if len(x.c.out) > 256<<10 {
@@ -1287,24 +1308,26 @@ func (l *loop) body(x *etry, p []byte) {
 	}
 }
 
-// complete ends a request whose answer went out whole.
+// complete ends a request whose answer came whole. The end of the answer
+// may still wait in l.bw, which must be c's: it goes out once the request
+// is settled and recorded, as on the goroutine path, so that whoever has
+// the answer also finds it in the metrics.
 func (l *loop) complete(x *etry) {
 	c := x.c
 	w := &c.w
-	l.bw.Reset(c)
-	ferr := w.finish()
 	l.finishTry(x, x.o)
 	if u := x.up; u != nil {
 		x.up, u.x = nil, nil
 		l.release(u, x)
 	}
 	l.endRequest(x)
+	ferr := w.finish()
 	if ferr != nil || c.dead {
 		c.out = c.out[:0]
 		l.closeClient(c)
 		return
 	}
-	c.lastUsed = time.Now().UnixNano()
+	c.lastUsed = l.now
 	if w.closeAfter || l.e.f.closing.Load() {
 		c.closeNow = true
 	}
@@ -1332,7 +1355,7 @@ func (l *loop) release(u *upconn, x *etry) {
 		l.closeUp(u)
 		return
 	}
-	u.idleSince = time.Now().UnixNano()
+	u.idleSince = l.now
 	l.idle[u.addr] = append(l.idle[u.addr], u)
 }
 
@@ -1347,10 +1370,27 @@ func (l *loop) finishTry(x *etry, o resilience.Outcome) {
 	x.ex.endTry(x.ot.ep, x.ot.done, o, x.ot.aspan, x.status, x.ot.t0, nil)
 }
 
-// endRequest records the request and frees its client for the next.
+// endRequest records the request and frees its client for the next. x
+// is reused: the caller must not touch it after.
 func (l *loop) endRequest(x *etry) {
 	x.ex.record(x.span)
 	x.c.x = nil
+	if len(l.free) < 256 {
+		*x = etry{}
+		l.free = append(l.free, x)
+	}
+}
+
+// newTry returns a cleared etry, reused when one is free. (One handed
+// over is the goroutine path's and never comes back.)
+func (l *loop) newTry() *etry {
+	if n := len(l.free); n > 0 {
+		x := l.free[n-1]
+		l.free[n-1] = nil
+		l.free = l.free[:n-1]
+		return x
+	}
+	return new(etry)
 }
 
 // clientFailed ends a request whose client can no longer be written to.
@@ -1361,8 +1401,9 @@ func (l *loop) clientFailed(x *etry) {
 		x.up, u.x = nil, nil
 		l.closeUp(u)
 	}
+	c := x.c
 	l.endRequest(x)
-	l.closeClient(x.c)
+	l.closeClient(c)
 }
 
 // upFailed ends a request whose answer broke off after its head went out:
@@ -1376,12 +1417,11 @@ func (l *loop) upFailed(x *etry, rerr error) {
 		x.up, u.x = nil, nil
 		l.closeUp(u)
 	}
+	c := x.c
 	l.endRequest(x)
-	l.bw.Reset(x.c)
-	l.bw.Flush()
-	x.c.dead = true
-	x.c.out = x.c.out[:0]
-	l.closeClient(x.c)
+	c.dead = true
+	c.out = c.out[:0]
+	l.closeClient(c)
 }
 
 // settleGone settles a request whose connection the loop drops.

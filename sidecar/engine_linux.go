@@ -639,13 +639,14 @@ func (l *loop) flushClient(c *econn) {
 		}
 		return
 	}
-	if x := c.x; x != nil && x.up != nil && x.up.inOff && len(c.out) < 64<<10 {
+	if x := c.x; x != nil && x.up != nil && x.up.inOff && len(c.out) == 0 {
 		l.upIn(x.up, true)
 	}
 	if len(c.out) > 0 {
 		return
 	}
-	if cap(c.out) > 256<<10 {
+	if cap(c.out) > 16<<10 {
+		// Idle connections keep no large buffer.
 		c.out = nil
 	}
 	if c.outOn {
@@ -1171,8 +1172,12 @@ func (l *loop) upEvent(u *upconn, ev uint32) {
 			l.handOver(x)
 			return
 		}
-		u.in = append(u.in, l.rbuf[:n]...)
-		l.answer(x)
+		data := l.rbuf[:n]
+		if len(u.in) > 0 {
+			u.in = append(u.in, data...)
+			data = u.in
+		}
+		l.answer(x, data)
 		return
 	}
 	if n <= 0 {
@@ -1199,29 +1204,37 @@ func (l *loop) dropIdle(u *upconn) {
 // answer looks at what the instance sent so far: a plain success framed
 // by Content-Length goes out natively, anything else to the goroutine
 // path, which sees it as its own client would have.
-func (l *loop) answer(x *etry) {
+func (l *loop) answer(x *etry, data []byte) {
 	u := x.up
-	resp, hl, err := l.hp.Parse(x.ot.out, u.in)
+	// data is the loop's read buffer when the head came in one read (the
+	// usual case, parsed without a copy), u.in when it came in pieces.
+	// What the goroutine path or the next read needs is kept in u.in.
+	resp, hl, err := l.hp.Parse(x.ot.out, data)
 	if err == h1.ErrIncomplete {
+		keep(u, data)
 		if len(u.in) > 1<<20 {
 			l.handOver(x)
 		}
 		return
 	}
 	if err != nil {
+		keep(u, data)
 		l.handOver(x)
 		return
 	}
 	st := resp.StatusCode
 	if st < 200 || st >= 400 || resp.ProtoMinor != 1 {
+		keep(u, data)
 		l.handOver(x)
 		return
 	}
 	if _, ok := resp.Header["Transfer-Encoding"]; ok {
+		keep(u, data)
 		l.handOver(x)
 		return
 	}
 	if _, ok := resp.Header["Trailer"]; ok {
+		keep(u, data)
 		l.handOver(x)
 		return
 	}
@@ -1230,11 +1243,13 @@ func (l *loop) answer(x *etry) {
 	if !noBody {
 		cl := resp.Header["Content-Length"]
 		if len(cl) != 1 {
+			keep(u, data)
 			l.handOver(x)
 			return
 		}
 		n, ok := parseLength(cl[0])
 		if !ok {
+			keep(u, data)
 			l.handOver(x)
 			return
 		}
@@ -1242,6 +1257,7 @@ func (l *loop) answer(x *etry) {
 	}
 	o := x.g.Classify(context.Background(), nil, st)
 	if o.Failure() {
+		keep(u, data)
 		l.handOver(x)
 		return
 	}
@@ -1260,8 +1276,11 @@ func (l *loop) answer(x *etry) {
 	copyEndToEnd(w.Header(), resp.Header)
 	w.WriteHeader(st)
 	x.ex.status, x.ex.wire = st, st
-	rest := u.in[hl:]
+	rest := data[hl:]
 	u.in = u.in[:0]
+	if cap(u.in) > 4<<10 {
+		u.in = nil // a connection keeps no large buffer
+	}
 	if noBody {
 		if len(rest) > 0 {
 			x.reuse = false
@@ -1275,6 +1294,13 @@ func (l *loop) answer(x *etry) {
 		w.Flush()
 	}
 	l.body(x, rest)
+}
+
+// keep makes sure u.in holds data.
+func keep(u *upconn, data []byte) {
+	if len(u.in) == 0 {
+		u.in = append(u.in, data...)
+	}
 }
 
 // body passes on part of the answer's body.
@@ -1302,8 +1328,10 @@ func (l *loop) body(x *etry, p []byte) {
 		l.clientFailed(x)
 		return
 	}
-	if len(x.c.out) > 256<<10 {
-		// The client reads slower than the instance sends: wait for it.
+	if len(x.c.out) > 0 {
+		// The client's socket is full: read no more from the instance
+		// until it drains, so the kernel's buffers, not meshd's, hold
+		// the answer.
 		l.upIn(x.up, false)
 	}
 }

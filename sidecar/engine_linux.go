@@ -71,7 +71,10 @@ func newEngine(f *fastServer) (*engine, error) {
 	for i := 0; i < n; i++ {
 		l, err := newLoop(e)
 		if err != nil {
-			e.stop()
+			for _, l := range e.loops {
+				unix.Close(l.ep)
+				unix.Close(l.wake)
+			}
 			return nil, err
 		}
 		e.loops = append(e.loops, l)
@@ -106,8 +109,8 @@ func (e *engine) adopt(nc net.Conn, streak int) bool {
 		return false
 	}
 	l.inbox = append(l.inbox, adoptee{fd: fd, remote: nc.RemoteAddr().String(), streak: streak})
+	l.pokeLocked()
 	l.mu.Unlock()
-	l.poke()
 	return true
 }
 
@@ -252,10 +255,19 @@ func newLoop(e *engine) (*loop, error) {
 
 const maxTime = int64(1<<63 - 1)
 
-// poke wakes the loop.
+// poke wakes the loop, unless it has stopped (its eventfd is closed, and
+// the number may belong to another file by now).
 func (l *loop) poke() {
-	var one = [8]byte{1}
-	unix.Write(l.wake, one[:])
+	l.mu.Lock()
+	l.pokeLocked()
+	l.mu.Unlock()
+}
+
+func (l *loop) pokeLocked() {
+	if !l.stopped {
+		var one = [8]byte{1}
+		unix.Write(l.wake, one[:])
+	}
 }
 
 // econn is a client connection the loop holds.
@@ -433,8 +445,10 @@ func (l *loop) shutdown() {
 			l.closeUp(u)
 		}
 	}
+	l.mu.Lock()
 	unix.Close(l.ep)
-	unix.Close(l.wake)
+	unix.Close(l.wake) // under the lock: poke checks stopped first
+	l.mu.Unlock()
 }
 
 func (l *loop) register(fd int, gen uint32, o any, events uint32) error {
@@ -530,6 +544,13 @@ func (l *loop) clientEvent(c *econn, ev uint32) {
 			return
 		}
 	}
+	if c.inOff && ev&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		// Broken while the loop was not reading it. These are reported
+		// whatever the loop asks for, so they must be dealt with now,
+		// or every wait would return at once.
+		l.clientBroke(c)
+		return
+	}
 	if ev&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) == 0 || c.inOff {
 		return
 	}
@@ -558,6 +579,22 @@ func (l *loop) clientEvent(c *econn, ev uint32) {
 			// for a caller that left, and settles the request so.
 			l.handOver(c.x)
 		}
+	}
+}
+
+// clientBroke ends what c was doing: its connection is gone both ways.
+func (l *loop) clientBroke(c *econn) {
+	c.eof, c.dead = true, true
+	c.out = c.out[:0]
+	switch x := c.x; {
+	case x == nil:
+		l.closeClient(c)
+	case x.head:
+		l.clientFailed(x)
+	default:
+		// The request is still out: the goroutine path settles it as
+		// one whose caller left.
+		l.handOver(x)
 	}
 }
 
@@ -729,15 +766,17 @@ func (l *loop) delegate(c *econn, req *http.Request, st *started, prefix []byte)
 	if err != nil {
 		l.e.s.log.Error("event loop: cannot hand a connection over; closing it", "err", err)
 		if st != nil {
-			telemetry.EndServer(st.span, 0, telemetry.ErrTypeCanceled)
-			if t := st.try; t != nil {
-				abandon(t, st.u.guard)
-			}
+			st.abandon(l.e.s, req)
 		}
 		f.wg.Done()
 		return
 	}
 	fc := &fastConn{nc: &replayConn{Conn: nc, prefix: bytes.Clone(prefix)}, remote: c.remote, req: req, first: st}
+	if req != nil {
+		// A request is in hand: a shutdown must wait for it, not
+		// close the connection as idle.
+		fc.state.Store(connActive)
+	}
 	fc.ctx, fc.cancel = context.WithCancel(context.Background())
 	if streak := c.streak + 1; streak < 4 {
 		// Back to the loop when idle, unless the connection's requests
@@ -750,16 +789,6 @@ func (l *loop) delegate(c *econn, req *http.Request, st *started, prefix []byte)
 	f.mu.Unlock()
 	// The loop's count of the connection passes to the goroutine's.
 	go f.serveConn(fc)
-}
-
-// abandon settles a try no one will finish.
-func abandon(t *openTry, g *resilience.Guard) {
-	t.done(g.Classify(canceledCtx, context.Canceled, 0))
-	t.ep.InFlight.Add(-1)
-	telemetry.EndAttempt(t.aspan, 0, telemetry.ErrTypeCanceled)
-	if t.nc != nil {
-		t.nc.Close()
-	}
 }
 
 // begin starts req natively when the loop can: it routes, starts the
@@ -963,9 +992,18 @@ func (l *loop) sweep(now int64) {
 			i++
 			continue
 		}
-		if x.head {
+		switch {
+		case x.head:
 			l.upFailed(x, context.DeadlineExceeded)
-		} else {
+		case x.up != nil && x.up.connecting && now < x.deadline:
+			// The connect timeout, not the request's: a dial timeout,
+			// as the goroutine path's dialer reports it.
+			u := x.up
+			x.up, u.x = nil, nil
+			l.closeUp(u)
+			x.ot.err = &net.OpError{Op: "dial", Net: "tcp", Addr: tcpAddr(u.addr), Err: os.ErrDeadlineExceeded}
+			l.handOver(x)
+		default:
 			l.handOver(x)
 		}
 		// x left the list; i now holds another.
@@ -1016,6 +1054,9 @@ func (l *loop) takeIdle(addr string) *upconn {
 func (l *loop) dial(addr string) (*upconn, error) {
 	sa, ok := l.addrs[addr]
 	if !ok {
+		if len(l.addrs) >= 4096 {
+			clear(l.addrs) // instances come and go; the cache must not grow for ever
+		}
 		if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4() {
 			sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 		}
@@ -1157,6 +1198,12 @@ func (l *loop) upEvent(u *upconn, ev uint32) {
 		if u.x == nil {
 			return
 		}
+	}
+	if u.inOff && ev&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+		// Reset while the loop waited for the client to catch up (see
+		// clientBroke): the rest of the answer is lost.
+		l.upFailed(x, io.ErrUnexpectedEOF)
+		return
 	}
 	if ev&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) == 0 || u.inOff {
 		return
@@ -1474,7 +1521,11 @@ func (l *loop) handOver(x *etry) {
 			l.unregister(u.fd)
 			nc, err := fdConn(u.fd)
 			if err != nil {
-				x.ot.err = err
+				// meshd's own trouble (out of descriptors, say), not
+				// the instance's: the request, a GET or HEAD, is sent
+				// again.
+				l.e.s.log.Warn("event loop: cannot hand an instance connection over; the request is sent again", "err", err)
+				x.ot.sent = false
 			} else {
 				x.ot.nc, x.ot.buffered, x.ot.reused = nc, bytes.Clone(u.in), u.reused
 			}

@@ -13,8 +13,11 @@ import (
 	"os"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // engineOf returns the event loops of s's outbound listener; the test is
@@ -325,4 +328,173 @@ func TestEventLoopClosesIdleConnections(t *testing.T) {
 	if d := time.Since(t0); d < 900*time.Millisecond {
 		t.Errorf("closed after %v, before the idle timeout", d)
 	}
+}
+
+// A pipelined request whose first byte the client watch read, while the
+// goroutine path served a slow request, reaches the instance whole after
+// the connection goes back to the loop.
+func TestEventLoopKeepsTheWatchedByte(t *testing.T) {
+	arrived := make(chan struct{}, 1)
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			arrived <- struct{}{}
+			time.Sleep(150 * time.Millisecond) // long enough for the watch to read
+		}
+		io.WriteString(w, r.Method+" "+r.URL.Path)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	// The timeout header sends it to the goroutine path.
+	c.send("GET /slow HTTP/1.1\r\nHost: svc\r\nX-Meshd-Timeout: 5s\r\n\r\n")
+	<-arrived
+	// The watch starts reading 25 ms into a request; this lands after.
+	// (Earlier, the test would pass without testing the watch: never
+	// falsely fail.)
+	time.Sleep(60 * time.Millisecond)
+	c.send("GET /next HTTP/1.1\r\nHost: svc\r\n\r\n")
+	for _, want := range []string{"GET /slow", "GET /next"} {
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != want {
+			t.Fatalf("want 200 %q, have %d %q", want, resp.StatusCode, body)
+		}
+	}
+}
+
+// blackhole returns an address whose connects hang: a listener whose
+// accept queue is full and never accepts.
+func blackhole(t *testing.T) string {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Close(fd) })
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := unix.Getsockname(fd)
+	addr := fmt.Sprintf("127.0.0.1:%d", sa.(*unix.SockaddrInet4).Port)
+	for i := 0; i < 4; i++ {
+		c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond)
+		if err != nil {
+			break
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	if c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond); err == nil {
+		c.Close()
+		t.Skip("could not fill the accept queue")
+	}
+	return addr
+}
+
+// A connect that hangs fails after timeouts.connect once, as the goroutine
+// path's dialer would, not once in the loop and again after the hand-over.
+func TestEventLoopConnectTimeoutCountsOnce(t *testing.T) {
+	addr := blackhole(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {disabled: true}, timeouts: {connect: 300ms}}}\n", addr))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	t0 := time.Now()
+	c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+	resp, body := c.answer("GET")
+	if d := time.Since(t0); resp.StatusCode != http.StatusBadGateway || d > 550*time.Millisecond || !strings.Contains(body, "timeout") {
+		t.Errorf("connect 300ms: %d %q after %v; want a 502 naming the timeout, well before 600ms", resp.StatusCode, body, d)
+	}
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// A client that resets its connection while the loop waits on the
+// instance mid-answer does not leave the loop spinning on the reset.
+func TestEventLoopDoesNotSpinOnAResetClient(t *testing.T) {
+	release := make(chan struct{})
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		io.WriteString(w, "12345")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "67890")
+	})
+	t.Cleanup(func() { close(release) }) // before the backend's Close
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	engineOf(t, s)
+	c, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	part := make([]byte, 5)
+	if _, err := io.ReadFull(resp.Body, part); err != nil {
+		t.Fatal(err)
+	}
+	// Half-close first, so the loop stops reading the client; then reset.
+	c.(*net.TCPConn).CloseWrite()
+	c.(*net.TCPConn).SetLinger(0)
+	c.Close()
+	c0 := cpuTime()
+	time.Sleep(time.Second) // a span of idleness to measure, not synchronisation
+	if used := cpuTime() - c0; used > 400*time.Millisecond {
+		t.Errorf("%v of CPU over 1s with nothing to do: the loop spins", used)
+	}
+}
+
+// The loop's open try is settled when the request ends on the goroutine
+// path: the request budget running out while the instance is silent, or
+// discovery emptying the pool while the try is out.
+func TestEventLoopOpenTryIsAlwaysSettled(t *testing.T) {
+	t.Run("budget", func(t *testing.T) {
+		release := make(chan struct{})
+		b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+			<-release
+			io.WriteString(w, "late")
+		})
+		t.Cleanup(func() { close(release) })
+		s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {timeouts: {request: 100ms}}}\n", b.addr()))
+		engineOf(t, s)
+		c := dialRaw(t, s)
+		c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+		if resp, body := c.answer("GET"); resp.StatusCode != http.StatusGatewayTimeout {
+			t.Fatalf("want 504, have %d %q", resp.StatusCode, body)
+		}
+		// Settled before the answer went out.
+		if st := rzInstance(t, s, "svc", b.addr()); st.InFlight != 0 || st.Requests != 1 || st.Failures != 1 {
+			t.Errorf("instance: %d in flight, %d requests, %d failed; want 0, 1 and 1 (a timeout)", st.InFlight, st.Requests, st.Failures)
+		}
+	})
+	t.Run("pool emptied", func(t *testing.T) {
+		arrived, release := make(chan struct{}), make(chan struct{})
+		b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+			close(arrived)
+			<-release
+			io.WriteString(w, "still here")
+		})
+		s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {disabled: true}}}\n", b.addr()))
+		engineOf(t, s)
+		u := s.lookup("svc")
+		ep := u.pool.Load().Endpoints[0]
+		c := dialRaw(t, s)
+		c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+		<-arrived
+		u.pool.Update(nil, "gone") // discovery empties while the try is out
+		close(release)
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "still here" {
+			t.Errorf("the try under way: want its 200, have %d %q", resp.StatusCode, body)
+		}
+		if n := ep.InFlight.Load(); n != 0 {
+			t.Errorf("instance still counts %d in flight after the answer", n)
+		}
+	})
 }

@@ -201,20 +201,28 @@ func (f *fastServer) serveConn(c *fastConn) {
 	for {
 		cfg := f.s.cfg.Load()
 		if c.back != nil && c.req == nil && br.Buffered() == 0 && c.nc.(*replayConn).drained() && c.state.CompareAndSwap(connIdle, connClosed) {
-			// Idle again: back to the event loop, which keeps its own
-			// descriptor of the connection; this one closes.
-			c.back(c.nc)
-			return
+			// Idle again: back to the event loop, which takes a
+			// descriptor of its own; this one closes.
+			if c.back(c.nc) {
+				return
+			}
+			c.back = nil // the loop would not have it: serve on here
+			c.state.Store(connIdle)
 		}
 		var (
 			req *http.Request
 			st  *started
 		)
 		if c.req != nil {
-			// The event loop's request, parsed already.
+			// The event loop's request, parsed already; the connection
+			// was handed over active.
 			req, st = c.req.WithContext(c.ctx), c.first
 			c.req, c.first = nil, nil
-			if !c.state.CompareAndSwap(connIdle, connActive) {
+			if c.state.Load() != connActive {
+				// Dropped by a shutdown before it got here.
+				if st != nil {
+					st.abandon(f.s, req)
+				}
 				return
 			}
 		} else {
@@ -383,7 +391,14 @@ func (w *clientWatch) stop(br *bufio.Reader) bool {
 	<-done
 	w.c.setReadDeadline(time.Time{})
 	if w.n == 1 {
-		br.Reset(&replayConn{Conn: w.c.nc, prefix: []byte{w.b[0]}})
+		if rc, ok := w.c.nc.(*replayConn); ok {
+			// (The event loop's connection: the byte must stay where
+			// the check before handing it back looks.)
+			rc.prefix = append([]byte{w.b[0]}, rc.prefix...)
+			br.Reset(rc)
+		} else {
+			br.Reset(&replayConn{Conn: w.c.nc, prefix: []byte{w.b[0]}})
+		}
 		return true
 	}
 	var ne net.Error

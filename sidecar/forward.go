@@ -66,7 +66,13 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	}
 	m := metricsOf(s.tel)
 	ex := exchange{s: s, w: w, r: r, u: u, start: start, ctx: ctx}
+	// The event loop's open try, if any: settled by the loop below, or,
+	// when the request ends before it gets there, here.
+	first := pre.takeTry()
 	defer func() {
+		if first != nil {
+			ex.settleOpen(first)
+		}
 		ex.record(span)
 		if ex.silent {
 			// Recorded; now make sure the server sends nothing.
@@ -93,7 +99,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	if stale, since, err := u.stale(); stale {
 		telemetry.StaleDiscovery(span, u.name, since, err.Error())
 	}
-	if len(snap.Endpoints) == 0 {
+	if len(snap.Endpoints) == 0 && first == nil {
 		reason := snap.Reason
 		if reason == "" {
 			reason = "discovery has not answered yet"
@@ -164,7 +170,6 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		ex.bodyFailed(err)
 		return
 	}
-	first := pre.takeTry()
 	if first == nil {
 		g.RequestStarted()
 	}
@@ -172,7 +177,9 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	rejected := 0
 	var lastErr error
 	for {
-		if ctx.Err() != nil {
+		if ctx.Err() != nil && first == nil {
+			// (An open try ending with the budget is settled as its
+			// own timeout first, as one of forward's own would be.)
 			ex.failCtx(lastErr)
 			return
 		}
@@ -385,6 +392,19 @@ type exchange struct {
 	// meshd's account (499 for a caller that left), spans and metrics
 	// report only a status sent, as the HTTP conventions ask.
 	wire int
+}
+
+// settleOpen settles an open try of the event loop's that the request
+// ended without finishing (meshd's own answer went out first): as one
+// whose caller went away, which is not the instance's doing.
+func (ex *exchange) settleOpen(t *openTry) {
+	ex.endTry(t.ep, t.done, ex.u.guard.Classify(canceledCtx, context.Canceled, 0), t.aspan, 0, t.t0, nil)
+	if t.nc != nil {
+		t.nc.Close()
+	}
+	if ex.tries == 0 {
+		ex.tries, ex.instance = 1, t.ep.ID
+	}
 }
 
 // record ends the request's span and records it in the metrics, the

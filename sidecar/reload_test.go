@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -85,12 +86,17 @@ func TestReloadRefusesServerSettings(t *testing.T) {
 		return fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\nproxy: {%s}\n", b.addr(), proxy)
 	}
 	s := start(t, conf("idle_timeout: 90s"))
-	for _, tc := range []struct{ proxy, want string }{
+	cases := []struct{ proxy, want string }{
 		{"idle_timeout: 90s", ""},
 		{"idle_timeout: 30s", "proxy.idle_timeout changed"},
 		{"idle_timeout: 90s, read_header_timeout: 1s", "proxy.read_header_timeout changed"},
 		{"idle_timeout: 90s, max_header_bytes: 4096", "proxy.max_header_bytes changed"},
-	} {
+	}
+	if engineOn && os.Getenv("MESHD_TEST_FAST_PATH") == "" {
+		// (The other runs turn the loops off in every config.)
+		cases = append(cases, struct{ proxy, want string }{"idle_timeout: 90s, event_loop: false", "proxy.event_loop changed"})
+	}
+	for _, tc := range cases {
 		cfg, err := parseConfig(conf(tc.proxy))
 		if err != nil {
 			t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/meshd/meshd/balance"
 	"github.com/meshd/meshd/resilience"
+	"github.com/meshd/meshd/telemetry"
 )
 
 // started is a request the event loop began and hands to forward: its
@@ -43,6 +44,18 @@ type openTry struct {
 	written  time.Time
 	// err, when set, is how the try ended before it was sent.
 	err error
+}
+
+// abandon settles a request begun by the event loop that no one will
+// finish (its connection could not be handed over, or was dropped by a
+// shutdown first): as one whose caller went away.
+func (st *started) abandon(s *Sidecar, r *http.Request) {
+	ex := exchange{s: s, r: r, u: st.u, start: st.start, ctx: trace.ContextWithSpan(context.Background(), st.span)}
+	if t := st.takeTry(); t != nil {
+		ex.settleOpen(t)
+	}
+	ex.status, ex.errType = 499, telemetry.ErrTypeCanceled
+	ex.record(st.span)
 }
 
 // takeTry returns the open try, once; nil when there is none.

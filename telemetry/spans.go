@@ -189,13 +189,25 @@ func (p *Provider) StartAttempt(ctx context.Context, out *http.Request, a Attemp
 	if !known {
 		name = "HTTP"
 	}
-	ctx, span := p.Tracer.Start(ctx, name, clientStart...)
 	if out.Header == nil {
 		out.Header = make(http.Header)
 	}
 	for _, k := range p.strip {
 		delete(out.Header, k)
 	}
+	if parent := trace.SpanFromContext(ctx); !parent.IsRecording() && parent.SpanContext().IsValid() {
+		// Not sampled: the attempt's span would be sampled out too
+		// (with each sampler meshd can be given: a parent-based one
+		// follows the request's span, a ratio decides by the trace ID
+		// they share, always_off never samples), so none is made. The
+		// instance is told the request's span as its parent, with the
+		// same trace and flags; neither span reaches a backend. That is
+		// most requests, and the SDK's span cost more than the rest of
+		// the attempt's bookkeeping.
+		p.Propagator.Inject(ctx, propagation.HeaderCarrier(out.Header))
+		return ctx, parent
+	}
+	ctx, span := p.Tracer.Start(ctx, name, clientStart...)
 	p.Propagator.Inject(ctx, propagation.HeaderCarrier(out.Header))
 	if !span.IsRecording() {
 		return ctx, span

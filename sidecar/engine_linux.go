@@ -221,6 +221,7 @@ type loop struct {
 	addrs    map[string]*unix.SockaddrInet4
 	inflight []*etry
 	free     []*etry
+	hdrs     []http.Header
 	now      int64 // when the batch of events at hand began, unix ns
 	nextDue  int64 // earliest handAt among inflight
 	lastIdle int64
@@ -849,11 +850,10 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	u.requests.Add(1)
 	u.lastUsed.Store(start.UnixNano())
 	ctx, span := s.tel.StartServer(context.Background(), req, "")
+	// (A sampled request is served here too: its spans are started and
+	// ended by the same calls forward makes.)
 	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span} }
-	if span.IsRecording() {
-		return nil, begun()
-	}
-	hdr := make(http.Header, len(req.Header)+2)
+	hdr := l.header()
 	copyEndToEnd(hdr, req.Header)
 	delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
 	if !c.peerSet {
@@ -1465,10 +1465,26 @@ func (l *loop) finishTry(x *etry, o resilience.Outcome) {
 func (l *loop) endRequest(x *etry) {
 	x.ex.record(x.span)
 	x.c.x = nil
+	if h := x.out.Header; h != nil && len(l.hdrs) < 256 {
+		clear(h)
+		l.hdrs = append(l.hdrs, h)
+	}
 	if len(l.free) < 256 {
 		*x = etry{}
 		l.free = append(l.free, x)
 	}
+}
+
+// header returns an empty header map for a request to an instance, reused
+// when one is free.
+func (l *loop) header() http.Header {
+	if n := len(l.hdrs); n > 0 {
+		h := l.hdrs[n-1]
+		l.hdrs[n-1] = nil
+		l.hdrs = l.hdrs[:n-1]
+		return h
+	}
+	return make(http.Header, 8)
 }
 
 // newTry returns a cleared etry, reused when one is free. (One handed

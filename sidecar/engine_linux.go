@@ -852,7 +852,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	ctx, span := s.tel.StartServer(context.Background(), req, "")
 	// (A sampled request is served here too: its spans are started and
 	// ended by the same calls forward makes.)
-	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span} }
+	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span, ctx: ctx} }
 	hdr := l.header()
 	copyEndToEnd(hdr, req.Header)
 	delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
@@ -924,7 +924,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	})
 	ep.InFlight.Add(1)
 	metricsOf(s.tel).InFlight(u.name, 1)
-	x.ot = openTry{ep: ep, done: done, aspan: aspan, t0: start, deadline: td, out: out}
+	x.ot = openTry{ep: ep, h1: set.transport.fast, done: done, aspan: aspan, t0: start, deadline: td, out: out}
 	// The try's deadline is forward's to enforce once handed over; the
 	// request's own (bd) is forward's already, from start.
 	return x, nil
@@ -1571,7 +1571,7 @@ func (l *loop) handOver(x *etry) {
 	}
 	c := x.c
 	c.x = nil
-	st := &started{u: x.ex.u, start: x.ex.start, dedicated: x.dedicated, span: x.span, try: &x.ot}
+	st := &started{u: x.ex.u, start: x.ex.start, dedicated: x.dedicated, span: x.span, ctx: x.ex.ctx, try: &x.ot}
 	l.delegate(c, x.req, st, c.in)
 }
 

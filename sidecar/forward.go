@@ -61,6 +61,9 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	if pre != nil {
 		span = pre.span
 		ctx = trace.ContextWithSpan(r.Context(), span)
+		if pre.ctx != nil {
+			ctx = valuesFrom{Context: r.Context(), vals: pre.ctx}
+		}
 	} else {
 		ctx, span = s.tel.StartServer(r.Context(), r, "")
 	}

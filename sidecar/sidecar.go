@@ -50,6 +50,10 @@ type Sidecar struct {
 	tunnels   sync.WaitGroup
 	tunnelMu  sync.Mutex
 	tunnelSet map[net.Conn]struct{}
+	// Listeners a reload replaced, still draining: Shutdown waits for them.
+	retiring    sync.WaitGroup
+	retiringMu  sync.Mutex
+	retiringSet map[*listener]struct{}
 
 	bg sync.WaitGroup
 }
@@ -131,18 +135,12 @@ func (s *Sidecar) Start() error {
 		return err
 	}
 	if err := s.syncListeners(cfg); err != nil {
-		for _, l := range s.listeners {
-			l.ln.Close()
-		}
-		s.listeners = map[string]*listener{}
+		s.abandonListeners()
 		s.cancel()
 		return err
 	}
 	if err := s.startConsul(cfg); err != nil {
-		for _, l := range s.listeners {
-			l.ln.Close()
-		}
-		s.listeners = map[string]*listener{}
+		s.abandonListeners()
 		s.cancel()
 		return err
 	}
@@ -268,7 +266,7 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 	for key, l := range s.listeners {
 		if addr, ok := want[key]; !ok || addr != l.addr {
 			delete(s.listeners, key)
-			go s.closeListener(l, cfg.Proxy.Drain)
+			s.retire(l, cfg.Proxy.Drain)
 		}
 	}
 	for _, l := range fresh {
@@ -279,11 +277,14 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 		if ph, ok := l.srv.Handler.(*proxyHandler); ok && cfg.Proxy.FastPathOn() {
 			l.fast = newFastServer(s, l, ph)
 			if engineOn && cfg.Proxy.EventLoopOn() {
-				eng, err := newEngine(l.fast)
-				if err != nil {
-					return fmt.Errorf("listener %s: event loops: %w", l.key, err)
+				// Past this point a reload no longer fails without
+				// leaving the listener set changed: a listener whose
+				// loops cannot start is served by goroutines, and says so.
+				if eng, err := newEngine(l.fast); err != nil {
+					s.log.Error("event loops did not start; the listener is served without them", "listener", l.key, "err", err)
+				} else {
+					l.fast.eng = eng
 				}
-				l.fast.eng = eng
 			}
 		}
 		s.listeners[l.key] = l
@@ -303,6 +304,37 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 		s.log.Info("listening", "listener", l.key, "addr", l.ln.Addr().String())
 	}
 	return nil
+}
+
+// abandonListeners closes the listeners of a Start that failed, and the
+// event loops serving them.
+func (s *Sidecar) abandonListeners() {
+	for _, l := range s.listeners {
+		l.ln.Close()
+		if l.fast != nil && l.fast.eng != nil {
+			l.fast.eng.stop()
+		}
+	}
+	s.listeners = map[string]*listener{}
+}
+
+// retire drains a listener a reload replaced, on its own goroutine, and
+// keeps it where Shutdown finds it until it is done.
+func (s *Sidecar) retire(l *listener, drain time.Duration) {
+	s.retiringMu.Lock()
+	if s.retiringSet == nil {
+		s.retiringSet = map[*listener]struct{}{}
+	}
+	s.retiringSet[l] = struct{}{}
+	s.retiringMu.Unlock()
+	s.retiring.Add(1)
+	go func() {
+		defer s.retiring.Done()
+		s.closeListener(l, drain)
+		s.retiringMu.Lock()
+		delete(s.retiringSet, l)
+		s.retiringMu.Unlock()
+	}()
 }
 
 func (s *Sidecar) closeListener(l *listener, drain time.Duration) {
@@ -474,6 +506,20 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		}(l)
 	}
 	wg.Wait()
+	// Listeners a reload replaced may still be draining theirs.
+	retired := make(chan struct{})
+	go func() { s.retiring.Wait(); close(retired) }()
+	select {
+	case <-retired:
+	case <-ctx.Done():
+		cut.Store(true)
+		s.retiringMu.Lock()
+		for l := range s.retiringSet {
+			l.close()
+		}
+		s.retiringMu.Unlock()
+		<-retired
+	}
 	tunnelsDone := make(chan struct{})
 	go func() { s.tunnels.Wait(); close(tunnelsDone) }()
 	select {

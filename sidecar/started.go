@@ -10,6 +10,7 @@ import (
 
 	"github.com/meshd/meshd/balance"
 	"github.com/meshd/meshd/resilience"
+	"github.com/meshd/meshd/sidecar/h1"
 	"github.com/meshd/meshd/telemetry"
 )
 
@@ -22,13 +23,33 @@ type started struct {
 	start     time.Time
 	dedicated bool
 	span      trace.Span
-	try       *openTry
+	// ctx is the loop's context of the request: the span, and what the
+	// propagators took from the caller's headers (b3's deferred or debug
+	// sampling, say), which the instance's requests must carry on.
+	ctx context.Context
+	try *openTry
+}
+
+// valuesFrom is a context with the deadline and cancellation of its
+// parent and the values of vals first: a request's own context, with what
+// the event loop put in the one it began the request with.
+type valuesFrom struct {
+	context.Context
+	vals context.Context
+}
+
+func (c valuesFrom) Value(key any) any {
+	if v := c.vals.Value(key); v != nil {
+		return v
+	}
+	return c.Context.Value(key)
 }
 
 // openTry is a try the event loop began: the instance is picked, admitted
 // by its breaker and counted in flight, and the attempt's span is started.
 type openTry struct {
 	ep       *balance.Endpoint
+	h1       *h1.Transport // the client the loop began with, for Resume
 	done     func(resilience.Outcome)
 	aspan    trace.Span
 	t0       time.Time
@@ -78,5 +99,7 @@ func (t *openTry) finish(ctx context.Context, tr *upstreamTransport) (*http.Resp
 	if !t.sent {
 		return tr.RoundTrip(out)
 	}
-	return tr.fast.Resume(out, t.nc, t.buffered, t.reused, t.written)
+	// The loop's client, not tr's: a reload may have left the upstream a
+	// transport without one. (A retired client still reads answers.)
+	return t.h1.Resume(out, t.nc, t.buffered, t.reused, t.written)
 }

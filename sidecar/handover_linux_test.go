@@ -1,0 +1,167 @@
+//go:build linux
+
+package sidecar
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+
+	"github.com/meshd/meshd/telemetry"
+)
+
+// A request the loop sent natively, whose answer it hands over (chunked),
+// after a reload that gave the upstream a transport without the h1 client
+// (max_conns_per_instance): forward must still read the answer.
+func TestEventLoopHandOverAfterAReloadDroppedItsClient(t *testing.T) {
+	arrived := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-release
+		w.(http.Flusher).Flush() // chunked: not the loop's to pass on
+		io.WriteString(w, "done")
+	})
+	conf := func(extra string) string {
+		return fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {%s}}\n", b.addr(), extra)
+	}
+	s := start(t, conf(""))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /x HTTP/1.1\r\nHost: svc\r\n\r\n")
+	<-arrived
+	cfg, err := parseConfig(conf("max_conns_per_instance: 4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	unblock()
+	resp, err := http.ReadResponse(c.br, &http.Request{Method: "GET"})
+	if err != nil {
+		t.Fatalf("handed over %d; reading the answer: %v", e.handed.Load(), err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || string(body) != "done" {
+		t.Fatalf("%d %q", resp.StatusCode, body)
+	}
+}
+
+// A caller's b3 header that defers the sampling decision is passed on so
+// by every attempt, the retry of a request the loop began included.
+func TestEventLoopKeepsB3DeferredOnARetry(t *testing.T) {
+	var mu sync.Mutex
+	var seen []string
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, r.Header.Get("B3"))
+		n := len(seen)
+		mu.Unlock()
+		if n == 1 {
+			w.WriteHeader(503)
+			return
+		}
+		io.WriteString(w, "ok")
+	})
+	rec := tracetest.NewSpanRecorder()
+	tel, err := telemetry.NewTestProvider(rec, telemetry.Config{Propagators: []string{"b3"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tel.Shutdown(context.Background()) })
+	cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {backoff_base: 1ms, backoff_max: 1ms}}}\n", b.addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), tel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextWithTimeout(5 * time.Second)
+		defer cancel()
+		s.Shutdown(ctx)
+	})
+	waitReady(t, s)
+	if os.Getenv("MESHD_TEST_FAST_PATH") == "" {
+		engineOf(t, s)
+	}
+	c := dialRaw(t, s)
+	c.send("GET /x HTTP/1.1\r\nHost: svc\r\nB3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1\r\n\r\n")
+	resp, body := c.answer("GET")
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("answer %d %q; b3 per attempt: %q", resp.StatusCode, body, seen)
+	for i, v := range seen {
+		if strings.HasSuffix(v, "-0") || strings.HasSuffix(v, "-1") {
+			t.Errorf("attempt %d sent %q: the caller deferred the sampling decision", i+1, v)
+		}
+	}
+}
+
+// A request on a listener a reload retired is still in flight when
+// Shutdown begins: Shutdown waits for it (or reports the drain cut), not
+// return "all requests completed" while it runs.
+func TestShutdownWaitsForAListenerAReloadRetired(t *testing.T) {
+	arrived := make(chan struct{}, 1)
+	release := make(chan struct{})
+	var once sync.Once
+	unblock := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unblock)
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-release
+		io.WriteString(w, "done")
+	})
+	conf := func(port string) string {
+		return fmt.Sprintf("listen: {outbound: 127.0.0.1:%s, admin: 127.0.0.1:0}\ndiscovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", port, b.addr())
+	}
+	cfg, err := parseConfig(conf("0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := New(cfg, testLogger(t), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /x HTTP/1.1\r\nHost: svc\r\n\r\n")
+	<-arrived
+	next, err := parseConfig(conf("00")) // another address string: rebound
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(next); err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(300*time.Millisecond, unblock) // the request ends while Shutdown runs
+	ctx, cancel := contextWithTimeout(5 * time.Second)
+	defer cancel()
+	t0 := time.Now()
+	err = s.Shutdown(ctx)
+	took := time.Since(t0)
+	select {
+	case <-release:
+	default:
+		t.Errorf("Shutdown returned %v after %v while a request on the retired listener was still in flight", err, took)
+	}
+}

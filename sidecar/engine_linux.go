@@ -138,6 +138,14 @@ func (e *engine) closeIdle() {
 	}
 }
 
+// dropIdle asks every loop to close its idle connections to instances.
+func (e *engine) dropIdle() {
+	for _, l := range e.loops {
+		l.cmdPool.Store(true)
+		l.poke()
+	}
+}
+
 // closeAll asks every loop to drop all its connections, busy ones too.
 func (e *engine) closeAll() {
 	for _, l := range e.loops {
@@ -211,7 +219,7 @@ type loop struct {
 	inbox   []adoptee
 	stopped bool
 
-	cmdIdle, cmdAll, cmdStop atomic.Bool
+	cmdIdle, cmdAll, cmdStop, cmdPool atomic.Bool
 
 	// The rest belongs to the loop's goroutine.
 	gen      uint32
@@ -431,6 +439,14 @@ func (l *loop) woken() bool {
 	if l.cmdAll.Swap(false) {
 		for c := range l.clients {
 			l.dropClient(c)
+		}
+	}
+	if l.cmdPool.Swap(false) {
+		for addr, ups := range l.idle {
+			for _, u := range ups {
+				l.closeUp(u)
+			}
+			delete(l.idle, addr)
 		}
 	}
 	if l.cmdIdle.Swap(false) {

@@ -19,5 +19,6 @@ func newEngine(*fastServer) (*engine, error) {
 
 func (e *engine) adopt(net.Conn, int) bool { return false }
 func (e *engine) closeIdle()               {}
+func (e *engine) dropIdle()                {}
 func (e *engine) closeAll()                {}
 func (e *engine) stop()                    {}

@@ -6,7 +6,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"sync"
@@ -163,5 +165,42 @@ func TestShutdownWaitsForAListenerAReloadRetired(t *testing.T) {
 	case <-release:
 	default:
 		t.Errorf("Shutdown returned %v after %v while a request on the retired listener was still in flight", err, took)
+	}
+}
+
+// A reload closes the loops' idle connections to instances, as it retires
+// the h1 client's: new settings (a connection cap, h2c) must not find old
+// connections still open.
+func TestEventLoopReloadDropsIdleInstanceConnections(t *testing.T) {
+	closed := make(chan struct{}, 4)
+	b := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	b.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateClosed {
+			closed <- struct{}{}
+		}
+	}
+	b.Start()
+	t.Cleanup(b.Close)
+	conf := func(extra string) string {
+		return fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {%s}}\n", b.Listener.Addr(), extra)
+	}
+	s := start(t, conf(""))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("%d %q", resp.StatusCode, body)
+	}
+	cfg, err := parseConfig(conf("max_conns_per_instance: 4"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the loop's idle connection to the instance is still open after the reload")
 	}
 }

@@ -465,6 +465,14 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 			go u.stop()
 		}
 	}
+	for _, l := range s.listeners {
+		if l.fast != nil && l.fast.eng != nil {
+			// As the retired transports' idle connections close, so do
+			// the loops': an upstream's new settings (a connection cap,
+			// h2c) or a gone one must not leave connections behind.
+			l.fast.eng.dropIdle()
+		}
+	}
 	s.log.Info("config reloaded", "file", cfg.File, "upstreams", len(cfg.Upstreams))
 	return nil
 }

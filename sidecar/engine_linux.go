@@ -42,12 +42,13 @@ import (
 // a plain success framed by Content-Length, streams the answer back. At
 // every other turn it hands the request to the goroutine path (fastServer
 // and forward) exactly where it stands, so that path's behaviour holds for
-// everything else: request bodies, upgrades, CONNECT, h2c, sampled traces,
-// failing answers and their retries, timeouts, and requests it does not
-// parse. The connection returns to the loop once it is idle again.
+// everything else: request bodies, upgrades, CONNECT, h2c, failing answers
+// and their retries, timeouts, and requests it does not parse. The
+// connection returns to the loop once it is idle again.
 //
 // Loops own their connections; nothing but the inbox and the command flags
-// is shared with other goroutines.
+// is shared with other goroutines. engine's methods are safe for
+// concurrent use.
 type engine struct {
 	f        *fastServer
 	s        *Sidecar

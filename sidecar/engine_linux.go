@@ -31,8 +31,8 @@ import (
 	"github.com/meshd/meshd/telemetry"
 )
 
-// engine serves a proxy listener's common requests on event loops, one per
-// core: each loop waits on its connections with epoll and answers a GET or
+// engine serves the proxy listeners' common requests on event loops, one
+// per core, shared by every proxy listener of a Sidecar: each loop waits on its connections with epoll and answers a GET or
 // HEAD without goroutines or their wake-ups in between. That is where the
 // goroutine-per-connection server spends most of its CPU beyond the
 // kernel's share.
@@ -50,7 +50,6 @@ import (
 // is shared with other goroutines. engine's methods are safe for
 // concurrent use.
 type engine struct {
-	f        *fastServer
 	s        *Sidecar
 	loops    []*loop
 	next     atomic.Uint32
@@ -80,8 +79,8 @@ var loopsPerEngine = sync.OnceValue(func() int {
 })
 
 // newEngine starts one loop per usable core.
-func newEngine(f *fastServer) (*engine, error) {
-	e := &engine{f: f, s: f.s}
+func newEngine(s *Sidecar) (*engine, error) {
+	e := &engine{s: s}
 	n := loopsPerEngine()
 	for i := 0; i < n; i++ {
 		l, err := newLoop(e)
@@ -98,16 +97,17 @@ func newEngine(f *fastServer) (*engine, error) {
 		e.wg.Add(1)
 		go l.run()
 	}
-	f.s.log.Info("event loops started", "listener", f.l.key, "loops", n, "gomaxprocs", runtime.GOMAXPROCS(0))
+	s.log.Info("event loops started", "loops", n, "gomaxprocs", runtime.GOMAXPROCS(0))
 	return e, nil
 }
 
-// adopt gives the connection nc to a loop, which takes a descriptor of its
-// own: the caller closes nc. streak counts the requests in a row the
-// connection's loop handed over before. False when the engine stopped or
-// the descriptor could not be had; nc is then the caller's to serve.
-func (e *engine) adopt(nc net.Conn, streak int) bool {
-	if e.f.closing.Load() {
+// adopt gives the connection nc, of f's listener, to a loop, which takes
+// a descriptor of its own: the caller closes nc. streak counts the
+// requests in a row the connection's loop handed over before. False when
+// f is closing, the engine stopped or the descriptor could not be had; nc
+// is then the caller's to serve.
+func (e *engine) adopt(nc net.Conn, f *fastServer, streak int) bool {
+	if f.closing.Load() {
 		return false
 	}
 	fd, err := dupConn(nc)
@@ -116,41 +116,47 @@ func (e *engine) adopt(nc net.Conn, streak int) bool {
 		return false
 	}
 	l := e.loops[e.next.Add(1)%uint32(len(e.loops))]
-	e.f.wg.Add(1)
+	f.wg.Add(1)
 	l.mu.Lock()
 	if l.stopped {
 		l.mu.Unlock()
-		e.f.wg.Done()
+		f.wg.Done()
 		unix.Close(fd)
 		return false
 	}
-	l.inbox = append(l.inbox, adoptee{fd: fd, remote: nc.RemoteAddr().String(), streak: streak})
+	l.inbox = append(l.inbox, adoptee{fd: fd, f: f, remote: nc.RemoteAddr().String(), streak: streak})
 	l.pokeLocked()
 	l.mu.Unlock()
 	return true
 }
 
-// closeIdle asks every loop to close its idle connections (a shutdown
+// closeIdle asks every loop to close f's idle connections (its shutdown
 // began); those busy close after their answer.
-func (e *engine) closeIdle() {
+func (e *engine) closeIdle(f *fastServer) { e.command(loopCmd{f: f}) }
+
+// closeAll asks every loop to drop all of f's connections, busy ones too.
+func (e *engine) closeAll(f *fastServer) { e.command(loopCmd{f: f, all: true}) }
+
+func (e *engine) command(c loopCmd) {
 	for _, l := range e.loops {
-		l.cmdIdle.Store(true)
-		l.poke()
+		l.mu.Lock()
+		l.cmds = append(l.cmds, c)
+		l.pokeLocked()
+		l.mu.Unlock()
 	}
+}
+
+// loopCmd asks a loop to close the connections of one listener: its idle
+// ones, or all.
+type loopCmd struct {
+	f   *fastServer
+	all bool
 }
 
 // dropIdle asks every loop to close its idle connections to instances.
 func (e *engine) dropIdle() {
 	for _, l := range e.loops {
 		l.cmdPool.Store(true)
-		l.poke()
-	}
-}
-
-// closeAll asks every loop to drop all its connections, busy ones too.
-func (e *engine) closeAll() {
-	for _, l := range e.loops {
-		l.cmdAll.Store(true)
 		l.poke()
 	}
 }
@@ -206,6 +212,7 @@ func fdConn(fd int) (net.Conn, error) {
 
 type adoptee struct {
 	fd     int
+	f      *fastServer
 	remote string
 	streak int
 }
@@ -218,9 +225,10 @@ type loop struct {
 
 	mu      sync.Mutex
 	inbox   []adoptee
+	cmds    []loopCmd
 	stopped bool
 
-	cmdIdle, cmdAll, cmdStop, cmdPool atomic.Bool
+	cmdStop, cmdPool atomic.Bool
 
 	// The rest belongs to the loop's goroutine.
 	gen      uint32
@@ -298,6 +306,7 @@ func (l *loop) pokeLocked() {
 // econn is a client connection the loop holds.
 type econn struct {
 	l        *loop
+	f        *fastServer // the listener's server
 	fd       int
 	gen      uint32
 	remote   string
@@ -427,8 +436,8 @@ func (l *loop) woken() bool {
 	var b [8]byte
 	unix.Read(l.wake, b[:])
 	l.mu.Lock()
-	in := l.inbox
-	l.inbox = nil
+	in, cmds := l.inbox, l.cmds
+	l.inbox, l.cmds = nil, nil
 	l.mu.Unlock()
 	for _, a := range in {
 		l.addClient(a)
@@ -437,9 +446,15 @@ func (l *loop) woken() bool {
 		l.shutdown()
 		return true
 	}
-	if l.cmdAll.Swap(false) {
+	for _, cmd := range cmds {
 		for c := range l.clients {
-			l.dropClient(c)
+			switch {
+			case c.f != cmd.f:
+			case cmd.all:
+				l.dropClient(c)
+			case c.x == nil && len(c.out) == 0:
+				l.closeClient(c)
+			}
 		}
 	}
 	if l.cmdPool.Swap(false) {
@@ -448,13 +463,6 @@ func (l *loop) woken() bool {
 				l.closeUp(u)
 			}
 			delete(l.idle, addr)
-		}
-	}
-	if l.cmdIdle.Swap(false) {
-		for c := range l.clients {
-			if c.x == nil && len(c.out) == 0 {
-				l.closeClient(c)
-			}
 		}
 	}
 	return false
@@ -468,7 +476,7 @@ func (l *loop) shutdown() {
 	l.mu.Unlock()
 	for _, a := range in {
 		unix.Close(a.fd)
-		l.e.f.wg.Done()
+		a.f.wg.Done()
 	}
 	for c := range l.clients {
 		l.dropClient(c)
@@ -537,12 +545,12 @@ func (l *loop) unregister(fd int) {
 
 func (l *loop) addClient(a adoptee) {
 	l.gen++
-	c := &econn{l: l, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: time.Now().UnixNano()}
-	c.w.closing = &l.e.f.closing
+	c := &econn{l: l, f: a.f, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: time.Now().UnixNano()}
+	c.w.closing = &a.f.closing
 	if err := l.register(a.fd, c.gen, c, unix.EPOLLIN); err != nil {
 		delete(l.fds, int32(a.fd))
 		unix.Close(a.fd)
-		l.e.f.wg.Done()
+		a.f.wg.Done()
 		return
 	}
 	l.clients[c] = struct{}{}
@@ -558,7 +566,7 @@ func (l *loop) forgetClient(c *econn) {
 func (l *loop) closeClient(c *econn) {
 	l.forgetClient(c)
 	unix.Close(c.fd)
-	l.e.f.wg.Done()
+	c.f.wg.Done()
 }
 
 // dropClient closes c whatever it is doing; a request in progress is
@@ -792,7 +800,7 @@ func (l *loop) serveNext(c *econn) {
 // delegate gives c to the goroutine path: req (nil: parse prefix) and st
 // say how far the loop got with the request at hand.
 func (l *loop) delegate(c *econn, req *http.Request, st *started, prefix []byte) {
-	f := l.e.f
+	f := c.f
 	l.e.handed.Add(1)
 	l.forgetClient(c)
 	nc, err := fdConn(c.fd)
@@ -815,7 +823,7 @@ func (l *loop) delegate(c *econn, req *http.Request, st *started, prefix []byte)
 		// Back to the loop when idle, unless the connection's requests
 		// keep needing the goroutine path (uploads, say): then moving
 		// it back and forth would cost more than it saves.
-		fc.back = func(nc net.Conn) bool { return l.e.adopt(nc, streak) }
+		fc.back = func(nc net.Conn) bool { return l.e.adopt(nc, f, streak) }
 	}
 	f.mu.Lock()
 	f.conns[fc] = struct{}{}
@@ -835,7 +843,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	}
 	var u *upstream
 	dedicated := false
-	if fixed := l.e.f.l.fixed.Load(); fixed != nil {
+	if fixed := c.f.l.fixed.Load(); fixed != nil {
 		u, dedicated = s.lookup(*fixed), true
 	} else if name := targetName(req); name != "" {
 		u = s.lookup(name)
@@ -1435,7 +1443,7 @@ func (l *loop) complete(x *etry) {
 		return
 	}
 	c.lastUsed = l.now
-	if w.closeAfter || l.e.f.closing.Load() {
+	if w.closeAfter || c.f.closing.Load() {
 		c.closeNow = true
 	}
 	if len(c.out) > 0 {

@@ -20,8 +20,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// engineOf returns the event loops of s's outbound listener; the test is
-// skipped when the suite runs with them off.
+// engineOf returns s's event loops, which serve its outbound listener;
+// the test is skipped when the suite runs with them off.
 func engineOf(t *testing.T, s *Sidecar) *engine {
 	t.Helper()
 	if os.Getenv("MESHD_TEST_FAST_PATH") != "" {
@@ -30,10 +30,10 @@ func engineOf(t *testing.T, s *Sidecar) *engine {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	l := s.listeners["outbound"]
-	if l == nil || l.fast == nil || l.fast.eng == nil {
-		t.Fatal("the outbound listener has no event loops")
+	if l == nil || l.fast == nil || l.fast.eng == nil || l.fast.eng != s.eng {
+		t.Fatal("the outbound listener is not served by the sidecar's event loops")
 	}
-	return l.fast.eng
+	return s.eng
 }
 
 // loopConn is a client connection to the outbound listener that writes

@@ -13,12 +13,12 @@ type engine struct{}
 
 const engineOn = false
 
-func newEngine(*fastServer) (*engine, error) {
+func newEngine(*Sidecar) (*engine, error) {
 	return nil, errors.New("event loops need Linux")
 }
 
-func (e *engine) adopt(net.Conn, int) bool { return false }
-func (e *engine) closeIdle()               {}
-func (e *engine) dropIdle()                {}
-func (e *engine) closeAll()                {}
-func (e *engine) stop()                    {}
+func (e *engine) adopt(net.Conn, *fastServer, int) bool { return false }
+func (e *engine) closeIdle(*fastServer)                 {}
+func (e *engine) closeAll(*fastServer)                  {}
+func (e *engine) dropIdle()                             {}
+func (e *engine) stop()                                 {}

@@ -42,7 +42,7 @@ type fastServer struct {
 	l       *listener
 	handler http.Handler
 	handoff *handoffListener
-	eng     *engine // nil: every connection gets a goroutine
+	eng     *engine // the Sidecar's event loops; nil: every connection gets a goroutine
 
 	mu      sync.Mutex
 	conns   map[*fastConn]struct{}
@@ -143,7 +143,7 @@ func (f *fastServer) serve() error {
 			return err
 		}
 		delay = 0
-		if f.eng != nil && f.eng.adopt(nc, 0) {
+		if f.eng != nil && f.eng.adopt(nc, f, 0) {
 			nc.Close()
 			continue
 		}
@@ -459,9 +459,6 @@ func (f *fastServer) shutdown(ctx context.Context) error {
 		case <-tick.C:
 		}
 	}
-	if f.eng != nil {
-		f.eng.stop()
-	}
 	if herr := f.l.srv.Shutdown(ctx); herr != nil && err == nil {
 		err = herr
 	}
@@ -470,7 +467,7 @@ func (f *fastServer) shutdown(ctx context.Context) error {
 
 func (f *fastServer) closeIdle() {
 	if f.eng != nil {
-		f.eng.closeIdle()
+		f.eng.closeIdle(f)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -483,7 +480,7 @@ func (f *fastServer) closeIdle() {
 
 func (f *fastServer) closeAll() {
 	if f.eng != nil {
-		f.eng.stop() // drops every connection the loops hold
+		f.eng.closeAll(f) // the loops drop this listener's connections
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -3,6 +3,7 @@
 package sidecar
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -202,5 +203,35 @@ func TestEventLoopReloadDropsIdleInstanceConnections(t *testing.T) {
 	case <-closed:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the loop's idle connection to the instance is still open after the reload")
+	}
+}
+
+// Every proxy listener, dedicated ones too, is served by the sidecar's one
+// set of loops: more listeners do not mean more loops competing for the
+// processors. A dedicated listener's requests name the upstream as Host.
+func TestEventLoopsAreSharedByTheListeners(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.Host) })
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {listen: 127.0.0.1:0}}\n", b.addr()))
+	e := engineOf(t, s)
+	s.mu.Lock()
+	dedicated := s.listeners["upstream:svc"]
+	s.mu.Unlock()
+	if dedicated == nil || dedicated.fast == nil || dedicated.fast.eng != e {
+		t.Fatal("the dedicated listener is not served by the sidecar's loops")
+	}
+	for _, addr := range []string{s.Addr("outbound"), s.Addr("upstream:svc")} {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lc := &loopConn{t: t, c: c, br: bufio.NewReader(c)}
+		lc.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+		if resp, body := lc.answer("GET"); resp.StatusCode != 200 || body != "svc" {
+			t.Fatalf("via %s: %d %q", addr, resp.StatusCode, body)
+		}
+		c.Close()
+	}
+	if n := e.native.Load(); n != 2 {
+		t.Errorf("the loops answered %d of the 2 requests", n)
 	}
 }

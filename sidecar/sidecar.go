@@ -50,6 +50,8 @@ type Sidecar struct {
 	tunnels   sync.WaitGroup
 	tunnelMu  sync.Mutex
 	tunnelSet map[net.Conn]struct{}
+	// eng is the event loops of the proxy listeners (nil: none).
+	eng *engine
 	// Listeners a reload replaced, still draining: Shutdown waits for them.
 	retiring    sync.WaitGroup
 	retiringMu  sync.Mutex
@@ -133,6 +135,16 @@ func (s *Sidecar) Start() error {
 	if err != nil {
 		s.cancel()
 		return err
+	}
+	if engineOn && cfg.Proxy.EventLoopOn() {
+		// One set of loops for every proxy listener. If they cannot
+		// start (out of descriptors), the listeners are served by
+		// goroutines, and the log says so.
+		if eng, err := newEngine(s); err != nil {
+			s.log.Error("event loops did not start; serving without them", "err", err)
+		} else {
+			s.eng = eng
+		}
 	}
 	if err := s.syncListeners(cfg); err != nil {
 		s.abandonListeners()
@@ -276,16 +288,7 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 		l.srv = s.newServer(cfg, l)
 		if ph, ok := l.srv.Handler.(*proxyHandler); ok && cfg.Proxy.FastPathOn() {
 			l.fast = newFastServer(s, l, ph)
-			if engineOn && cfg.Proxy.EventLoopOn() {
-				// Past this point a reload no longer fails without
-				// leaving the listener set changed: a listener whose
-				// loops cannot start is served by goroutines, and says so.
-				if eng, err := newEngine(l.fast); err != nil {
-					s.log.Error("event loops did not start; the listener is served without them", "listener", l.key, "err", err)
-				} else {
-					l.fast.eng = eng
-				}
-			}
+			l.fast.eng = s.eng // the Sidecar's loops, shared by its proxy listeners
 		}
 		s.listeners[l.key] = l
 		s.bg.Add(1)
@@ -311,11 +314,12 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 func (s *Sidecar) abandonListeners() {
 	for _, l := range s.listeners {
 		l.ln.Close()
-		if l.fast != nil && l.fast.eng != nil {
-			l.fast.eng.stop()
-		}
 	}
 	s.listeners = map[string]*listener{}
+	if s.eng != nil {
+		s.eng.stop()
+		s.eng = nil
+	}
 }
 
 // retire drains a listener a reload replaced, on its own goroutine, and
@@ -465,13 +469,11 @@ func (s *Sidecar) Reload(cfg *config.Config) error {
 			go u.stop()
 		}
 	}
-	for _, l := range s.listeners {
-		if l.fast != nil && l.fast.eng != nil {
-			// As the retired transports' idle connections close, so do
-			// the loops': an upstream's new settings (a connection cap,
-			// h2c) or a gone one must not leave connections behind.
-			l.fast.eng.dropIdle()
-		}
+	if s.eng != nil {
+		// As the retired transports' idle connections close, so do the
+		// loops': an upstream's new settings (a connection cap, h2c) or
+		// a gone one must not leave connections behind.
+		s.eng.dropIdle()
 	}
 	s.log.Info("config reloaded", "file", cfg.File, "upstreams", len(cfg.Upstreams))
 	return nil
@@ -546,6 +548,12 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 		if err := a.shutdown(ctx); err != nil {
 			a.close() // a scrape or profile still running: not a request cut
 		}
+	}
+	if s.eng != nil {
+		// Every proxy listener has drained (or been closed): the loops
+		// hold nothing of theirs but idle connections to instances.
+		s.eng.stop()
+		s.eng = nil
 	}
 	s.cancel()
 	for _, u := range *s.upstreams.Load() {

@@ -14,10 +14,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -84,8 +86,10 @@ var freePorts struct {
 }
 
 // FreePort returns a loopback port that is free for both TCP and UDP right
-// now and that no earlier FreePort call in this process has returned. There
-// is an unavoidable window between this check and the caller binding it.
+// now and that no earlier FreePort call in this process has returned,
+// chosen below the kernel's ephemeral range (Linux), which no outgoing
+// connection takes. There is an unavoidable window between this check and
+// the caller binding it.
 func FreePort(t testing.TB) int {
 	t.Helper()
 	freePorts.Lock()
@@ -94,8 +98,17 @@ func FreePort(t testing.TB) int {
 		freePorts.handed = make(map[int]bool)
 	}
 	var last error
+	below := belowEphemeral()
 	for range 50 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		addr := "127.0.0.1:0"
+		if below > minPort {
+			// Below the range the kernel hands out for ":0" and for
+			// the local end of outgoing connections: a port taken from
+			// that range can be given to some connection of this very
+			// test before the program it is for binds it.
+			addr = fmt.Sprintf("127.0.0.1:%d", minPort+rand.IntN(below-minPort))
+		}
+		l, err := net.Listen("tcp", addr)
 		if err != nil {
 			last = err
 			continue
@@ -117,6 +130,27 @@ func FreePort(t testing.TB) int {
 	}
 	t.Fatalf("testenv: no free loopback port: %v", last)
 	return 0
+}
+
+// minPort is the lowest port FreePort picks.
+const minPort = 10000
+
+// belowEphemeral returns the first port of the kernel's ephemeral range,
+// 0 when it cannot be read (FreePort then asks the kernel for a port).
+func belowEphemeral() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0
+	}
+	lo, err := strconv.Atoi(f[0])
+	if err != nil {
+		return 0
+	}
+	return lo
 }
 
 // Process is an external program started for a test. Its standard output

@@ -14,7 +14,6 @@ import (
 	"net/url"
 	"os"
 	"runtime"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -244,7 +243,7 @@ type loop struct {
 	lastIdle int64
 	events   []unix.EpollEvent
 	rbuf     []byte
-	hp       h1.HeadParser
+	head     []byte // the header lines of the answer at hand (scanAnswer)
 	rd       bytes.Reader
 	br       *bufio.Reader
 	bw       *bufio.Writer
@@ -1296,31 +1295,16 @@ func (l *loop) answer(x *etry, data []byte) {
 	// data is the loop's read buffer when the head came in one read (the
 	// usual case, parsed without a copy), u.in when it came in pieces.
 	// What the goroutine path or the next read needs is kept in u.in.
-	resp, hl, err := l.hp.Parse(x.ot.out, data)
-	if err == h1.ErrIncomplete {
+	ah, lines, res := scanAnswer(data, l.head[:0])
+	l.head = lines[:0]
+	if res == scanIncomplete {
 		keep(u, data)
-		if len(u.in) > 1<<20 {
-			l.handOver(x)
-		}
 		return
 	}
-	if err != nil {
-		keep(u, data)
-		l.handOver(x)
-		return
-	}
-	st := resp.StatusCode
-	if st < 200 || st >= 400 || resp.ProtoMinor != 1 {
-		keep(u, data)
-		l.handOver(x)
-		return
-	}
-	if _, ok := resp.Header["Transfer-Encoding"]; ok {
-		keep(u, data)
-		l.handOver(x)
-		return
-	}
-	if _, ok := resp.Header["Trailer"]; ok {
+	st := ah.status
+	if res != scanOK || st < 200 || st >= 400 {
+		// 1xx, failures, other framing, anything unusual: the goroutine
+		// path parses the same bytes with the h1 client.
 		keep(u, data)
 		l.handOver(x)
 		return
@@ -1328,19 +1312,12 @@ func (l *loop) answer(x *etry, data []byte) {
 	noBody := x.req.Method == http.MethodHead || st == http.StatusNoContent || st == http.StatusNotModified
 	length := int64(0)
 	if !noBody {
-		cl := resp.Header["Content-Length"]
-		if len(cl) != 1 {
+		if ah.length < 0 {
 			keep(u, data)
 			l.handOver(x)
 			return
 		}
-		n, ok := parseLength(cl[0])
-		if !ok {
-			keep(u, data)
-			l.handOver(x)
-			return
-		}
-		length = n
+		length = ah.length
 	}
 	o := x.g.Classify(context.Background(), nil, st)
 	if o.Failure() {
@@ -1353,17 +1330,20 @@ func (l *loop) answer(x *etry, data []byte) {
 	ep.ObserveLatencyAt(now.Sub(x.ot.t0), now.UnixNano(), balance.DecayOf(x.ex.snap.Policy))
 	x.o, x.status, x.head, x.left = o, st, true, length
 	l.e.native.Add(1)
-	x.reuse = !connectionClose(resp.Header)
+	x.reuse = !ah.close
 	x.handAt = x.deadline
 	c := x.c
 	w := &c.w
 	w.bw = l.bw
 	l.bw.Reset(c)
 	w.reset(x.req)
-	copyEndToEnd(w.Header(), resp.Header)
+	w.raw = lines
 	w.WriteHeader(st)
+	if ah.length >= 0 {
+		w.declared = ah.length // as WriteHeader takes it from a header map
+	}
 	x.ex.status, x.ex.wire = st, st
-	rest := data[hl:]
+	rest := data[ah.size:]
 	u.in = u.in[:0]
 	if cap(u.in) > 4<<10 {
 		u.in = nil // a connection keeps no large buffer
@@ -1376,8 +1356,8 @@ func (l *loop) answer(x *etry, data []byte) {
 		return
 	}
 	if len(rest) == 0 {
-		// The head goes now: its values live in the parser, which the
-		// next answer reuses.
+		// The head goes now: its lines live in l.head, which the next
+		// answer reuses.
 		w.Flush()
 	}
 	l.body(x, rest)
@@ -1613,17 +1593,4 @@ func parseLength(v string) (int64, bool) {
 		n = n*10 + int64(v[i]-'0')
 	}
 	return n, true
-}
-
-// connectionClose reports whether a response's Connection field says close.
-func connectionClose(h http.Header) bool {
-	for _, v := range h["Connection"] {
-		if strings.EqualFold(v, "keep-alive") {
-			continue // the usual
-		}
-		if containsToken(v, "close") {
-			return true
-		}
-	}
-	return false
 }

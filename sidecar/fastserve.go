@@ -782,6 +782,10 @@ type fastWriter struct {
 	written     int64
 	buf         []byte
 	num         []byte
+	// raw holds header lines ready to send ("Name: value\r\n" each),
+	// written before those of header; the event loop's answers use it.
+	// The bytes must stay put until the head is committed.
+	raw []byte
 }
 
 const fastBufferLimit = 4 << 10
@@ -793,7 +797,7 @@ func (w *fastWriter) reset(r *http.Request) {
 		clear(w.header)
 	}
 	w.req, w.status, w.wroteHeader, w.committed, w.chunked = r, 0, false, false, false
-	w.closeAfter, w.declared, w.written, w.buf = r.Close, -1, 0, w.buf[:0]
+	w.closeAfter, w.declared, w.written, w.buf, w.raw = r.Close, -1, 0, w.buf[:0], nil
 	w.noBody = r.Method == http.MethodHead
 }
 
@@ -892,6 +896,7 @@ func (w *fastWriter) commit() error {
 		bw.WriteString(" status")
 	}
 	bw.WriteString("\r\n")
+	bw.Write(w.raw)
 	for k, vv := range w.header {
 		if k == "Transfer-Encoding" || k == "Connection" || k == "Content-Length" || len(k) > 0 && k[0] == 'T' && len(k) > len(http.TrailerPrefix) && k[:len(http.TrailerPrefix)] == http.TrailerPrefix {
 			continue

@@ -152,7 +152,7 @@ func indexLine(b []byte) int {
 	return i - 1
 }
 
-func trimOWS(b []byte) []byte {
+func trimOWS[T string | []byte](b T) T {
 	for len(b) > 0 && (b[0] == ' ' || b[0] == '\t') {
 		b = b[1:]
 	}
@@ -236,7 +236,7 @@ func hopField(name []byte) fieldKind {
 
 // foldEq reports whether b equals the lower-case ASCII lower, ignoring
 // ASCII case in b.
-func foldEq(b []byte, lower string) bool {
+func foldEq[T string | []byte](b T, lower string) bool {
 	if len(b) != len(lower) {
 		return false
 	}
@@ -255,7 +255,7 @@ func foldEq(b []byte, lower string) bool {
 // connectionTokens reads a Connection value: close says whether it holds
 // "close"; ok is false when it names anything but close and keep-alive (a
 // field to drop, which the goroutine path handles).
-func connectionTokens(v []byte) (close, ok bool) {
+func connectionTokens[T string | []byte](v T) (close, ok bool) {
 	for len(v) > 0 {
 		i := 0
 		for i < len(v) && v[i] != ',' {

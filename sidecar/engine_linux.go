@@ -244,6 +244,7 @@ type loop struct {
 	events   []unix.EpollEvent
 	rbuf     []byte
 	head     []byte // the header lines of the answer at hand (scanAnswer)
+	reqLines []byte // the header lines of the request being sent (requestLines)
 	rd       bytes.Reader
 	br       *bufio.Reader
 	bw       *bufio.Writer
@@ -358,6 +359,10 @@ type etry struct {
 	o         resilience.Outcome
 	status    int
 	idx       int // in l.inflight
+	// lines: out.Header holds only what telemetry added; the client's
+	// fields are copied from its head (requestLines). xf: the request
+	// gets X-Forwarded-For and -Proto.
+	lines, xf bool
 	out       http.Request
 	url       url.URL
 }
@@ -878,21 +883,22 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	// ended by the same calls forward makes.)
 	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span, ctx: ctx} }
 	hdr := l.header()
-	copyEndToEnd(hdr, req.Header)
-	delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
 	if !c.peerSet {
 		c.peer, c.peerSet = remoteIP(req), true
 		c.xff = []string{peerHost(c.remote)}
 	}
 	peer := c.peer
-	if cfg.Proxy.XForwardedOn() {
-		if _, prior := req.Header["X-Forwarded-For"]; !prior && peer.IsValid() {
-			// setForwarded's work, with the connection's own value.
-			hdr["X-Forwarded-For"] = c.xff
-			if _, ok := hdr["X-Forwarded-Proto"]; !ok {
-				hdr["X-Forwarded-Proto"] = protoHTTP // the app's own is kept
-			}
-		} else {
+	xf := cfg.Proxy.XForwardedOn()
+	_, priorXFF := req.Header["X-Forwarded-For"]
+	// The usual request's fields go to the instance as they came, copied
+	// line by line from its head when it is sent (requestLines): hdr then
+	// holds only what telemetry adds. (The timeout header is not there:
+	// such requests are the goroutine path's.)
+	lines := (!xf || !priorXFF && peer.IsValid()) && plainConnection(req.Header)
+	if !lines {
+		copyEndToEnd(hdr, req.Header)
+		delete(hdr, http.CanonicalHeaderKey(rc.Timeouts.Header))
+		if xf {
 			setForwarded(hdr, req, peer, true)
 		}
 	}
@@ -921,6 +927,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	g.RequestStarted()
 	x := l.newTry()
 	x.c, x.req, x.span, x.g, x.dedicated, x.deadline = c, req, span, g, dedicated, maxTime
+	x.lines, x.xf = lines, xf
 	x.ex = exchange{s: s, w: &c.w, r: req, u: u, start: start, ctx: ctx, snap: snap, tries: 1, instance: ep.ID}
 	ep.MarkPicked(preq.Now)
 	var bd, td time.Time
@@ -954,6 +961,90 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	return x, nil
 }
 
+// plainConnection reports whether the Connection fields h holds name
+// nothing but close and keep-alive, so that no other field is dropped for
+// them.
+func plainConnection(h http.Header) bool {
+	for _, v := range h["Connection"] {
+		if _, ok := connectionTokens(v); !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// requestLines returns the header lines that go to the instance for x, a
+// request begun with x.lines: the client's end-to-end fields as they came
+// (l.raw holds its head, as readHead read it), less those telemetry set in
+// out.Header, then the X-Forwarded fields. copyEndToEnd and setForwarded
+// make the same choices for the header map.
+func (l *loop) requestLines(x *etry) []byte {
+	out := l.reqLines[:0]
+	raw := l.raw
+	if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+		raw = raw[i+1:] // the request line
+	}
+	for len(raw) > 0 {
+		var line []byte
+		if i := bytes.IndexByte(raw, '\n'); i >= 0 {
+			line, raw = raw[:i+1], raw[i+1:]
+		} else {
+			line, raw = raw, nil
+		}
+		line = trimCRLF(line)
+		colon := bytes.IndexByte(line, ':')
+		if colon <= 0 {
+			break // the blank line (readHead checked every field)
+		}
+		name := line[:colon]
+		if foldEq(name, "host") || hopField(name) != fieldEndToEnd || inHeader(x.out.Header, name) {
+			continue
+		}
+		out = append(out, name...)
+		out = append(out, ": "...)
+		out = append(out, trimOWS(line[colon+1:])...)
+		out = append(out, "\r\n"...)
+	}
+	if x.xf {
+		out = append(out, "X-Forwarded-For: "...)
+		out = append(out, x.c.xff[0]...)
+		out = append(out, "\r\n"...)
+		if _, ok := x.req.Header["X-Forwarded-Proto"]; !ok {
+			out = append(out, "X-Forwarded-Proto: http\r\n"...)
+		}
+	}
+	l.reqLines = out
+	return out
+}
+
+// inHeader reports whether h has a field named name, ignoring ASCII case.
+func inHeader(h http.Header, name []byte) bool {
+	for k := range h {
+		if asciiEqualFold(k, name) {
+			return true
+		}
+	}
+	return false
+}
+
+// fullHeader gives x.out the header map begin would have built without
+// x.lines, for the goroutine path taking the request over: the client's
+// end-to-end fields and the X-Forwarded ones, under what telemetry set.
+func fullHeader(x *etry) {
+	h := make(http.Header, len(x.req.Header)+len(x.out.Header)+2)
+	copyEndToEnd(h, x.req.Header)
+	if x.xf {
+		h["X-Forwarded-For"] = x.c.xff
+		if _, ok := h["X-Forwarded-Proto"]; !ok {
+			h["X-Forwarded-Proto"] = protoHTTP
+		}
+	}
+	for k, v := range x.out.Header {
+		h[k] = v
+	}
+	x.out.Header, x.lines = h, false
+}
+
 // send writes x's request to a pooled or new connection to its instance.
 func (l *loop) send(x *etry) {
 	rc := x.g.Config()
@@ -961,7 +1052,11 @@ func (l *loop) send(x *etry) {
 	l.track(x, x.ot.t0.UnixNano()+int64(rc.Timeouts.Connect))
 	l.reqBuf.Reset()
 	l.reqW.Reset(&l.reqBuf)
-	if err := h1.WriteHead(l.reqW, x.ot.out); err != nil || l.reqW.Flush() != nil {
+	var lines []byte
+	if x.lines {
+		lines = l.requestLines(x)
+	}
+	if err := h1.WriteHead(l.reqW, x.ot.out, lines); err != nil || l.reqW.Flush() != nil {
 		l.handOver(x) // the goroutine path reports the bad request
 		return
 	}
@@ -1551,6 +1646,9 @@ func (l *loop) settleGone(x *etry) {
 // which takes the try where it stands.
 func (l *loop) handOver(x *etry) {
 	l.untrack(x)
+	if x.lines {
+		fullHeader(x)
+	}
 	if u := x.up; u != nil {
 		x.up, u.x = nil, nil
 		if x.ot.sent {

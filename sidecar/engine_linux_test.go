@@ -10,8 +10,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/textproto"
 	"os"
+	"reflect"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -497,4 +500,162 @@ func TestEventLoopOpenTryIsAlwaysSettled(t *testing.T) {
 			t.Errorf("instance still counts %d in flight after the answer", n)
 		}
 	})
+}
+
+// rawInstance is an instance that records each request head as it came
+// and answers with answers[i] (the last one over and over).
+type rawInstance struct {
+	ln      net.Listener
+	mu      sync.Mutex
+	heads   []string
+	answers []string
+}
+
+func newRawInstance(t *testing.T, answers ...string) *rawInstance {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ri := &rawInstance{ln: ln, answers: answers}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go ri.serve(c)
+		}
+	}()
+	return ri
+}
+
+func (ri *rawInstance) serve(c net.Conn) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for {
+		var head strings.Builder
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			head.WriteString(line)
+			if line == "\r\n" {
+				break
+			}
+		}
+		ri.mu.Lock()
+		ri.heads = append(ri.heads, head.String())
+		a := ri.answers[min(len(ri.heads), len(ri.answers))-1]
+		ri.mu.Unlock()
+		if _, err := io.WriteString(c, a); err != nil {
+			return
+		}
+	}
+}
+
+func (ri *rawInstance) seen() []string {
+	ri.mu.Lock()
+	defer ri.mu.Unlock()
+	return append([]string(nil), ri.heads...)
+}
+
+// rawAnswer reads one answer's head and Content-Length body as bytes.
+func (r *loopConn) rawAnswer() string {
+	r.t.Helper()
+	var b strings.Builder
+	n := 0
+	for {
+		line, err := r.br.ReadString('\n')
+		if err != nil {
+			r.t.Fatalf("reading an answer: %v (so far %q)", err, b.String())
+		}
+		b.WriteString(line)
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), ":"); ok && strings.EqualFold(k, "Content-Length") {
+			fmt.Sscan(strings.TrimSpace(v), &n)
+		}
+		if line == "\r\n" {
+			break
+		}
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r.br, body); err != nil {
+		r.t.Fatalf("reading a body: %v", err)
+	}
+	return b.String() + string(body)
+}
+
+// The loop passes the fields of a request and of its answer on as they
+// came: names as spelt, duplicates and order kept, hop-by-hop fields
+// dropped (those a Connection field names too), the X-Forwarded ones
+// added, the framing its own.
+func TestEventLoopPassesFieldsAsTheyCame(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nx-lower: a\r\nKeep-Alive: timeout=5\r\nConnection: keep-alive\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nProxy-Connection: x\r\nContent-Length: 2\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /p?q=1 HTTP/1.1\r\nHost: svc\r\nx-mixed-Case: 1\r\nX-Dup: a\r\nX-Dup:b \r\nConnection: keep-alive\r\nKeep-Alive: 300\r\nProxy-Authorization: Basic eA==\r\nX-Forwarded-Proto: https\r\nContent-Length: 0\r\n\r\n")
+	want := "HTTP/1.1 200 OK\r\nx-lower: a\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 2\r\n\r\nok"
+	if got := c.rawAnswer(); got != want {
+		t.Errorf("the client got\n%q\nwant\n%q", got, want)
+	}
+	// A Connection field naming another: that one is not passed on.
+	c.send("GET /q HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, X-Drop\r\nX-Drop: 1\r\nX-Keep: 2\r\n\r\n")
+	if got := c.rawAnswer(); got != want {
+		t.Errorf("the client got\n%q\nwant\n%q", got, want)
+	}
+	heads := ri.seen()
+	if len(heads) != 2 {
+		t.Fatalf("the instance saw %d requests, want 2", len(heads))
+	}
+	if want := "GET /p?q=1 HTTP/1.1\r\nHost: svc\r\nx-mixed-Case: 1\r\nX-Dup: a\r\nX-Dup: b\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"; heads[0] != want {
+		t.Errorf("the instance got\n%q\nwant\n%q", heads[0], want)
+	}
+	if !strings.HasPrefix(heads[1], "GET /q HTTP/1.1\r\nHost: svc\r\n") || strings.Contains(heads[1], "X-Drop") || !strings.Contains(heads[1], "X-Keep: 2\r\n") ||
+		!strings.Contains(heads[1], "X-Forwarded-For: 127.0.0.1\r\n") || !strings.Contains(heads[1], "X-Forwarded-Proto: http\r\n") || strings.Contains(heads[1], "Connection") {
+		t.Errorf("the instance got %q", heads[1])
+	}
+	if n := e.native.Load(); n != 2 {
+		t.Errorf("the loops answered %d of 2 GETs", n)
+	}
+}
+
+// A request whose fields the loop would copy from its head but which goes
+// to the goroutine path (here for a 503 to retry) carries the same fields.
+func TestEventLoopHandOverCarriesTheFields(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {backoff_base: 1ms, backoff_max: 1ms}}}\n", ri.ln.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /p HTTP/1.1\r\nHost: svc\r\nX-Dup: a\r\nx-dup: b\r\nKeep-Alive: 300\r\nAccept: */*\r\n\r\n")
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("%d %q", resp.StatusCode, body)
+	}
+	if e.handed.Load() == 0 {
+		t.Fatal("the loop did not hand the request over")
+	}
+	heads := ri.seen()
+	if len(heads) != 2 {
+		t.Fatalf("the instance saw %d requests, want 2", len(heads))
+	}
+	var fields [2]http.Header
+	for i, h := range heads {
+		tp := textproto.NewReader(bufio.NewReader(strings.NewReader(h)))
+		if line, _ := tp.ReadLine(); line != "GET /p HTTP/1.1" {
+			t.Fatalf("request line %q", line)
+		}
+		m, err := tp.ReadMIMEHeader()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fields[i] = http.Header(m)
+	}
+	want := http.Header{"Host": {"svc"}, "X-Dup": {"a", "b"}, "Accept": {"*/*"}, "X-Forwarded-For": {"127.0.0.1"}, "X-Forwarded-Proto": {"http"}}
+	for i, f := range fields {
+		if !reflect.DeepEqual(f, want) {
+			t.Errorf("try %d sent %v, want %v", i+1, f, want)
+		}
+	}
 }

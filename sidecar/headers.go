@@ -61,7 +61,7 @@ func listedIn(conn []string, k string) bool {
 // asciiEqualFold is strings.EqualFold for ASCII only: header names are
 // tokens, and Unicode folding (the Kelvin sign matching "k") would let a
 // name that is not k remove it.
-func asciiEqualFold(a, b string) bool {
+func asciiEqualFold[A, B string | []byte](a A, b B) bool {
 	if len(a) != len(b) {
 		return false
 	}

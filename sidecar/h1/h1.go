@@ -608,14 +608,16 @@ func writeStart(bw *bufio.Writer, req *http.Request) error {
 // WriteHead writes the head of req, which has no body, as RoundTrip would
 // send it; an event loop sending requests itself uses it. The framing
 // fields of req.Header are not written: an empty POST, PUT or PATCH says
-// Content-Length: 0.
-func WriteHead(bw *bufio.Writer, req *http.Request) error {
+// Content-Length: 0. lines, header lines ready to send ("Name: value\r\n"
+// each, checked by the caller), go after those of req.Header.
+func WriteHead(bw *bufio.Writer, req *http.Request, lines []byte) error {
 	if req.Body != nil && req.Body != http.NoBody {
 		return errors.New("h1: WriteHead is for requests without a body")
 	}
 	if err := writeStart(bw, req); err != nil {
 		return err
 	}
+	bw.Write(lines)
 	if req.Method == http.MethodPost || req.Method == http.MethodPut || req.Method == http.MethodPatch {
 		bw.WriteString("Content-Length: 0\r\n")
 	}

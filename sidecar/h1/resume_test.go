@@ -22,7 +22,7 @@ func sentOn(t *testing.T, addr string, req *http.Request) net.Conn {
 		t.Fatal(err)
 	}
 	bw := bufio.NewWriter(nc)
-	if err := WriteHead(bw, req); err != nil {
+	if err := WriteHead(bw, req, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := bw.Flush(); err != nil {
@@ -166,16 +166,16 @@ func TestWriteHead(t *testing.T) {
 	req.Header.Set("X-Y", "z")
 	var b bytes.Buffer
 	bw := bufio.NewWriter(&b)
-	if err := WriteHead(bw, req); err != nil {
+	if err := WriteHead(bw, req, []byte("X-Raw: 1\r\n")); err != nil {
 		t.Fatal(err)
 	}
 	bw.Flush()
-	want := "POST /p?q=1 HTTP/1.1\r\nHost: svc\r\nX-Y: z\r\nContent-Length: 0\r\n\r\n"
+	want := "POST /p?q=1 HTTP/1.1\r\nHost: svc\r\nX-Y: z\r\nX-Raw: 1\r\nContent-Length: 0\r\n\r\n"
 	if b.String() != want {
 		t.Errorf("have %q, want %q", b.String(), want)
 	}
 	req.Body = io.NopCloser(strings.NewReader("x"))
-	if err := WriteHead(bw, req); err == nil {
+	if err := WriteHead(bw, req, nil); err == nil {
 		t.Error("a request with a body was written without it")
 	}
 }

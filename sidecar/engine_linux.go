@@ -510,12 +510,15 @@ func (l *loop) rearm(fd int, gen uint32, events uint32) {
 // once, so they are made as raw system calls: the runtime does not mark
 // the goroutine as blocked in the kernel, and does not hand its processor
 // to another thread when a write to a local peer takes a few dozen
-// microseconds (which, at this rate, cost more than the writes).
+// microseconds (which, at this rate, cost more than the writes). They are
+// recvfrom and sendto rather than read and write, which go through the
+// file layer first: 2-3% of the loop's CPU under load. MSG_NOSIGNAL: a
+// peer gone is an EPIPE, without a signal to field.
 func rawRead(fd int, p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	r, _, e := unix.RawSyscall(unix.SYS_READ, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	r, _, e := unix.RawSyscall6(unix.SYS_RECVFROM, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), 0, 0, 0)
 	if e != 0 {
 		return -1, e
 	}
@@ -526,7 +529,7 @@ func rawWrite(fd int, p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	r, _, e := unix.RawSyscall(unix.SYS_WRITE, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)))
+	r, _, e := unix.RawSyscall6(unix.SYS_SENDTO, uintptr(fd), uintptr(unsafe.Pointer(&p[0])), uintptr(len(p)), unix.MSG_NOSIGNAL, 0, 0)
 	if e != 0 {
 		return -1, e
 	}

@@ -983,6 +983,7 @@ func plainConnection(h http.Header) bool {
 // make the same choices for the header map.
 func (l *loop) requestLines(x *etry) []byte {
 	out := l.reqLines[:0]
+	replaced := l.e.s.tel.Replaced()
 	raw := l.raw
 	if i := bytes.IndexByte(raw, '\n'); i >= 0 {
 		raw = raw[i+1:] // the request line
@@ -1000,7 +1001,7 @@ func (l *loop) requestLines(x *etry) []byte {
 			break // the blank line (readHead checked every field)
 		}
 		name := line[:colon]
-		if foldEq(name, "host") || hopField(name) != fieldEndToEnd || inHeader(x.out.Header, name) {
+		if foldEq(name, "host") || hopField(name) != fieldEndToEnd || inHeader(x.out.Header, name) || inList(replaced, name) {
 			continue
 		}
 		out = append(out, name...)
@@ -1030,6 +1031,16 @@ func inHeader(h http.Header, name []byte) bool {
 	return false
 }
 
+// inList reports whether names holds name, ignoring ASCII case.
+func inList(names []string, name []byte) bool {
+	for _, k := range names {
+		if asciiEqualFold(k, name) {
+			return true
+		}
+	}
+	return false
+}
+
 // fullHeader gives x.out the header map begin would have built without
 // x.lines, for the goroutine path taking the request over: the client's
 // end-to-end fields and the X-Forwarded ones, under what telemetry set.
@@ -1041,6 +1052,9 @@ func fullHeader(x *etry) {
 		if _, ok := h["X-Forwarded-Proto"]; !ok {
 			h["X-Forwarded-Proto"] = protoHTTP
 		}
+	}
+	for _, k := range x.ex.s.tel.Replaced() {
+		delete(h, k) // as StartAttempt did to the map it was given
 	}
 	for k, v := range x.out.Header {
 		h[k] = v

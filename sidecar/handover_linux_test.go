@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/textproto"
 	"os"
 	"strings"
 	"sync"
@@ -233,5 +234,67 @@ func TestEventLoopsAreSharedByTheListeners(t *testing.T) {
 	}
 	if n := e.native.Load(); n != 2 {
 		t.Errorf("the loops answered %d of the 2 requests", n)
+	}
+}
+
+// When b3 is propagated, a caller's b3 fields of the other form do not
+// reach the instance, whichever path sends the request: the loop copies
+// the caller's fields from its head, so it must leave those out itself.
+func TestCallersOtherB3FormIsNotPassedOn(t *testing.T) {
+	for _, tc := range []struct {
+		prop, send, gone, kept string
+	}{
+		{"b3multi", "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1", "B3", "X-B3-Traceid"},
+		{"b3", "X-B3-TraceId: 80f198ee56343ba864fe8b2a57d3eff7\r\nX-B3-SpanId: e457b5a2e4d86bd1\r\nX-B3-Sampled: 1", "X-B3-Traceid", "B3"},
+	} {
+		t.Run(tc.prop, func(t *testing.T) {
+			ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			tel, err := telemetry.NewTestProvider(tracetest.NewSpanRecorder(), telemetry.Config{Propagators: []string{tc.prop}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { tel.Shutdown(context.Background()) })
+			cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err := New(cfg, testLogger(t), tel)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				ctx, cancel := contextWithTimeout(5 * time.Second)
+				defer cancel()
+				s.Shutdown(ctx)
+			})
+			waitReady(t, s)
+			c := dialRaw(t, s)
+			c.send("GET /x HTTP/1.1\r\nHost: svc\r\n" + tc.send + "\r\nX-Other: 1\r\n\r\n")
+			if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+				t.Fatalf("%d %q", resp.StatusCode, body)
+			}
+			heads := ri.seen()
+			if len(heads) != 1 {
+				t.Fatalf("the instance saw %d requests", len(heads))
+			}
+			tp := textproto.NewReader(bufio.NewReader(strings.NewReader(heads[0])))
+			tp.ReadLine()
+			h, err := tp.ReadMIMEHeader()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := h[tc.gone]; ok {
+				t.Errorf("the caller's %s reached the instance: %q", tc.gone, heads[0])
+			}
+			if _, ok := h[tc.kept]; !ok || h.Get("X-Other") != "1" {
+				t.Errorf("the instance did not get %s and X-Other: %q", tc.kept, heads[0])
+			}
+			if !strings.Contains(heads[0], "80f198ee56343ba864fe8b2a57d3eff7") {
+				t.Errorf("the caller's trace was not continued: %q", heads[0])
+			}
+		})
 	}
 }

@@ -169,6 +169,19 @@ func (p *Provider) StartServer(ctx context.Context, r *http.Request, route strin
 	return ctx, span
 }
 
+// Replaced lists the trace fields of a caller's request that StartAttempt
+// removes from out.Header before it injects its own (both forms of b3,
+// when b3 is propagated), so that a caller of the other form does not win
+// as the instance's parent. Who sends the caller's fields without putting
+// them in out.Header must leave these out. nil when tracing is off. The
+// slice is shared: do not modify it. Safe for concurrent use.
+func (p *Provider) Replaced() []string {
+	if p == nil || !p.tracing {
+		return nil
+	}
+	return p.strip
+}
+
 // StartAttempt starts the CLIENT span for one attempt of forwarding a
 // request to an instance, as a child of the span in ctx, and injects the new
 // span's context into out.Header with p.Propagator so the instance continues

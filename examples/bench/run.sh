@@ -201,9 +201,11 @@ run_one() { # target conns path round
   p99=$(to_ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
   errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
   local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v d="$DUR" 'BEGIN {printf "%.0f", (b-a)/hz/d*100}')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" >> "$results"
+  # CPU per request: the proxy's CPU time over the requests wrk counted.
+  local cpr; cpr=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v n="$(echo "$out" | awk '/requests in/ {print $1}')" 'BEGIN {printf "%.1f", (n > 0 ? (b-a)/hz*1e6/n : 0)}')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" >> "$results"
   [ -n "$errs" ] && echo "bench: $target c$conns $path: $errs" >&2
-  printf '  round %s %-8s c=%-3s %-6s %10s rps  p50 %8s ms  p99 %8s ms  rss %6s KiB  cpu %4s%%\n' "$round" "$target" "$conns" "$path" "$rps" "$p50" "$p99" "$rss" "$cpu" >&2
+  printf '  round %s %-8s c=%-3s %-6s %10s rps  p50 %8s ms  p99 %8s ms  rss %6s KiB  cpu %4s%% %6s us/req\n' "$round" "$target" "$conns" "$path" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" >&2
 }
 
 echo "bench: ${ROUNDS} rounds of ${DUR}s per target and scenario (targets: $TARGETS)" >&2
@@ -223,29 +225,29 @@ report=$work/report.md
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(go version | awk '{print $3}'), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}'), $("$NGINX" -v 2>&1 | sed 's/.*nginx\//nginx /'), wrk ${DUR}s x ${ROUNDS} rounds, targets in turns."
   echo "Backends: one nginx worker serving 3 ports. HAProxy: nbthread 2, http-reuse always. nginx: 2 workers, keepalive 128. meshd: round_robin, access log off."
-  echo "Medians over rounds. RSS at the end of the run; CPU is the proxy's share of one core (200% = both)."
+  echo "Medians over rounds. RSS at the end of the run; CPU is the proxy's share of one core (200% = both), and its CPU time (user and system) per request."
   echo
-  echo "| scenario | target | rps | p50 ms | p99 ms | RSS MiB | CPU % |"
-  echo "|---|---|---:|---:|---:|---:|---:|"
+  echo "| scenario | target | rps | p50 ms | p99 ms | RSS MiB | CPU % | CPU us/req |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|"
   awk -F'\t' '
     function median(arr, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }; return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2 }
-    { key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
+    { key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; cpr[key, n[key]] = $10; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
     END {
       for (i = 1; i <= k; i++) {
         key = order[i]; split(key, parts, SUBSEP)
         m = n[key]
-        for (j = 1; j <= m; j++) { a[j] = rps[key, j]; b[j] = p50[key, j]; c[j] = p99[key, j]; d[j] = rss[key, j]; e[j] = cpu[key, j] }
-        R = median(a, m); P5 = median(b, m); P9 = median(c, m); S = median(d, m); C = median(e, m)
-        med[parts[1], parts[2], "rps"] = R; med[parts[1], parts[2], "p50"] = P5; med[parts[1], parts[2], "p99"] = P9
-        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s |\n", parts[1], parts[2], R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C)
+        for (j = 1; j <= m; j++) { a[j] = rps[key, j]; b[j] = p50[key, j]; c[j] = p99[key, j]; d[j] = rss[key, j]; e[j] = cpu[key, j]; f[j] = cpr[key, j] }
+        R = median(a, m); P5 = median(b, m); P9 = median(c, m); S = median(d, m); C = median(e, m); CR = median(f, m)
+        med[parts[1], parts[2], "rps"] = R; med[parts[1], parts[2], "p50"] = P5; med[parts[1], parts[2], "p99"] = P9; med[parts[1], parts[2], "cpr"] = CR
+        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s | %s |\n", parts[1], parts[2], R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C), (parts[2] == "direct" ? "-" : sprintf("%.1f", CR))
         sc[parts[1]] = 1
       }
       print ""
-      print "| scenario | meshd/HAProxy rps | meshd/nginx rps | meshd/direct rps | meshd/HAProxy p50 | meshd/HAProxy p99 |"
-      print "|---|---:|---:|---:|---:|---:|"
+      print "| scenario | meshd/HAProxy rps | meshd/nginx rps | meshd/direct rps | meshd/HAProxy p50 | meshd/HAProxy p99 | meshd/HAProxy CPU per request |"
+      print "|---|---:|---:|---:|---:|---:|---:|"
       for (s in sc) {
         mr = med[s, "meshd", "rps"]; hr = med[s, "haproxy", "rps"]; nr = med[s, "nginx", "rps"]; dr = med[s, "direct", "rps"]
-        printf "| %s | %s | %s | %s | %s | %s |\n", s, (hr ? sprintf("%.2f", mr / hr) : "-"), (nr ? sprintf("%.2f", mr / nr) : "-"), (dr ? sprintf("%.2f", mr / dr) : "-"), (med[s, "haproxy", "p50"] ? sprintf("%.2f", med[s, "meshd", "p50"] / med[s, "haproxy", "p50"]) : "-"), (med[s, "haproxy", "p99"] ? sprintf("%.2f", med[s, "meshd", "p99"] / med[s, "haproxy", "p99"]) : "-")
+        printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, (hr ? sprintf("%.2f", mr / hr) : "-"), (nr ? sprintf("%.2f", mr / nr) : "-"), (dr ? sprintf("%.2f", mr / dr) : "-"), (med[s, "haproxy", "p50"] ? sprintf("%.2f", med[s, "meshd", "p50"] / med[s, "haproxy", "p50"]) : "-"), (med[s, "haproxy", "p99"] ? sprintf("%.2f", med[s, "meshd", "p99"] / med[s, "haproxy", "p99"]) : "-"), (med[s, "haproxy", "cpr"] ? sprintf("%.2f", med[s, "meshd", "cpr"] / med[s, "haproxy", "cpr"]) : "-")
       }
     }' "$results"
   # Any answer meshd gave other than 200, by status, from its own metrics:

@@ -9,7 +9,11 @@ package sidecar
 // reports as scanOther, and the goroutine path, which parses the same bytes
 // with the h1 client, decides.
 
-import "bytes"
+import (
+	"bytes"
+
+	"github.com/meshd/meshd/sidecar/h1"
+)
 
 // scanResult says what scanAnswer made of a buffer.
 type scanResult uint8
@@ -28,8 +32,8 @@ type answerHead struct {
 	size   int   // bytes of the head, its blank line included
 }
 
-// maxAnswerHead is the longest head the loop reads itself; h1 refuses
-// longer ones, and the goroutine path reports that.
+// maxAnswerHead is the longest head the loop reads itself; a longer one
+// goes to the goroutine path, whose h1 client reads up to 1 MiB.
 const maxAnswerHead = 64 << 10
 
 // scanAnswer reads the answer head at the start of b. With scanOK, out has
@@ -46,11 +50,11 @@ func scanAnswer(b []byte, out []byte) (answerHead, []byte, scanResult) {
 	nl := indexLine(b)
 	switch {
 	case nl == -2:
-		if len(b) > maxAnswerHead {
-			return other()
+		if len(b) >= h1.MaxLine {
+			return other() // h1 refuses a line this long
 		}
 		return h, out, scanIncomplete
-	case nl < 0:
+	case nl < 0 || nl+2 > h1.MaxLine:
 		return other()
 	}
 	// HTTP/1.1 200 OK
@@ -73,11 +77,11 @@ func scanAnswer(b []byte, out []byte) (answerHead, []byte, scanResult) {
 		nl := indexLine(b[pos:])
 		switch {
 		case nl == -2:
-			if len(b) > maxAnswerHead {
+			if len(b) > maxAnswerHead || len(b)-pos >= h1.MaxLine {
 				return other()
 			}
 			return h, out[:mark], scanIncomplete
-		case nl < 0:
+		case nl < 0 || nl+2 > h1.MaxLine:
 			return other()
 		}
 		line := b[pos : pos+nl]
@@ -116,7 +120,7 @@ func scanAnswer(b []byte, out []byte) (answerHead, []byte, scanResult) {
 			cls++
 			h.length = n
 			continue
-		case fieldFraming:
+		case fieldHandOver:
 			return other()
 		case fieldConnection:
 			close, ok := connectionTokens(value)
@@ -184,7 +188,7 @@ type fieldKind uint8
 const (
 	fieldEndToEnd   fieldKind = iota
 	fieldLength               // Content-Length
-	fieldFraming              // Transfer-Encoding, Trailer
+	fieldHandOver             // Transfer-Encoding, Trailer, Close: the goroutine path's
 	fieldConnection           // Connection
 	fieldHop                  // other hop-by-hop fields, dropped
 )
@@ -192,13 +196,20 @@ const (
 // hopField classifies a header name, ignoring ASCII case.
 func hopField(name []byte) fieldKind {
 	switch len(name) {
+	case 5:
+		// A field named by "Connection: close" is dropped like any
+		// field a Connection token names (copyEndToEnd): rare enough
+		// to leave to the goroutine path.
+		if foldEq(name, "close") {
+			return fieldHandOver
+		}
 	case 2:
 		if foldEq(name, "te") {
 			return fieldHop
 		}
 	case 7:
 		if foldEq(name, "trailer") {
-			return fieldFraming
+			return fieldHandOver
 		}
 		if foldEq(name, "upgrade") {
 			return fieldHop
@@ -220,7 +231,7 @@ func hopField(name []byte) fieldKind {
 		}
 	case 17:
 		if foldEq(name, "transfer-encoding") {
-			return fieldFraming
+			return fieldHandOver
 		}
 	case 18:
 		if foldEq(name, "proxy-authenticate") {

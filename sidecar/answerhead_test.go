@@ -50,7 +50,11 @@ func TestScanAnswer(t *testing.T) {
 		{name: "bad status", in: "HTTP/1.1 2x0 OK\r\nContent-Length: 0\r\n\r\n", res: scanOther},
 		{name: "status 099", in: "HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n", res: scanOther},
 		{name: "four-digit status", in: "HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", res: scanOther},
-		{name: "too long", in: "HTTP/1.1 200 OK\r\nA: " + strings.Repeat("a", maxAnswerHead) + "\r\n\r\n", res: scanOther},
+		{name: "a line longer than h1 reads", in: "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", h1.MaxLine) + "\r\nContent-Length: 0\r\n\r\n", res: scanOther},
+		{name: "a line longer than h1 reads, not all there", in: "HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", h1.MaxLine), res: scanOther},
+		{name: "the longest line h1 reads", in: "HTTP/1.1 200 OK\r\nX: " + strings.Repeat("a", h1.MaxLine-5) + "\r\n\r\n", res: scanOK, status: 200, length: -1, lines: "X: " + strings.Repeat("a", h1.MaxLine-5) + "\r\n"},
+		{name: "a field named Close", in: "HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\nContent-Length: 0\r\n\r\n", res: scanOther},
+		{name: "too long", in: "HTTP/1.1 200 OK\r\n" + strings.Repeat("A: "+strings.Repeat("a", 1000)+"\r\n", maxAnswerHead/1000+1) + "\r\n", res: scanOther},
 		{name: "too long, not all there", in: "HTTP/1.1 200 OK\r\nA: " + strings.Repeat("a", maxAnswerHead), res: scanOther},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -100,6 +104,9 @@ func FuzzScanAnswer(f *testing.F) {
 		"HTTP/1.1 200 OK\r\nX: \xff\xfe\r\nContent-Length: 0\r\n\r\n",
 		"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n",
 		"HTTP/1.1 200",
+		"HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", h1.MaxLine) + "\r\nContent-Length: 0\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", h1.MaxLine-20),
 	} {
 		f.Add(seed)
 	}

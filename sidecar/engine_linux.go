@@ -966,8 +966,12 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 
 // plainConnection reports whether the Connection fields h holds name
 // nothing but close and keep-alive, so that no other field is dropped for
-// them.
+// them. (A field named Close, which "Connection: close" would drop, makes
+// it false too.)
 func plainConnection(h http.Header) bool {
+	if _, ok := h["Close"]; ok {
+		return false
+	}
 	for _, v := range h["Connection"] {
 		if _, ok := connectionTokens(v); !ok {
 			return false

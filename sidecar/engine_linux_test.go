@@ -659,3 +659,37 @@ func TestEventLoopHandOverCarriesTheFields(t *testing.T) {
 		}
 	}
 }
+
+// An answer the h1 client refuses (a header line longer than it reads) is
+// refused on the loop too: the same 502 whichever path a request takes.
+func TestEventLoopRefusesWhatH1Refuses(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nX-Big: "+strings.Repeat("a", 9000)+"\r\nContent-Length: 2\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {disabled: true}}}\n", ri.ln.Addr()))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+	get, _ := c.answer("GET")
+	c.send("DELETE / HTTP/1.1\r\nHost: svc\r\n\r\n") // the goroutine path's
+	del, _ := c.answer("DELETE")
+	if get.StatusCode != http.StatusBadGateway || del.StatusCode != http.StatusBadGateway {
+		t.Fatalf("GET (the loop's): %d; DELETE (the goroutine path's): %d; want 502 for both", get.StatusCode, del.StatusCode)
+	}
+}
+
+// "Connection: close" names a field Close as much as any other token
+// does: it is dropped in both directions, on the loop as elsewhere.
+func TestEventLoopDropsAFieldNamedClose(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nConnection: close\r\nClose: 1\r\nContent-Length: 2\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET / HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive, close\r\nClose: 1\r\nX-Keep: 1\r\n\r\n")
+	resp, body := c.answer("GET")
+	if resp.StatusCode != 200 || body != "ok" || resp.Header.Get("Close") != "" {
+		t.Errorf("the client got %d %q with Close %q", resp.StatusCode, body, resp.Header.Get("Close"))
+	}
+	heads := ri.seen()
+	if len(heads) != 1 || strings.Contains(heads[0], "Close") || !strings.Contains(heads[0], "X-Keep: 1\r\n") {
+		t.Errorf("the instance got %q", heads)
+	}
+}

@@ -137,7 +137,7 @@ func (c *conn) setWriteDeadline(t time.Time) {
 }
 
 var (
-	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 8<<10) }}
+	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, MaxLine) }}
 	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 )
 
@@ -794,6 +794,11 @@ func (c *conn) readHead(req *http.Request) (*http.Response, error) {
 // until the header timeout. net/http's Transport allows 10 MB by default;
 // 1 MiB is far past any real head.
 const maxResponseHead = 1 << 20
+
+// MaxLine is the longest line of a response head the client reads, its
+// line feed included: the size of its read buffer. A longer one is an
+// error.
+const MaxLine = 8 << 10
 
 // respBlock holds a response and room for the values of a typical head.
 type respBlock struct {

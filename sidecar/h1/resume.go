@@ -78,7 +78,7 @@ func (p *HeadParser) Parse(req *http.Request, b []byte) (*http.Response, int, er
 	p.rd.Reset(b)
 	if p.c.br == nil {
 		p.c.reuse = new(respBlock)
-		p.c.br = bufio.NewReaderSize(&p.rd, 8<<10)
+		p.c.br = bufio.NewReaderSize(&p.rd, MaxLine)
 	} else {
 		p.c.br.Reset(&p.rd)
 	}

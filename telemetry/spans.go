@@ -15,7 +15,6 @@ import (
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/propagation"
 	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/noop"
@@ -107,7 +106,7 @@ func (p *Provider) StartServer(ctx context.Context, r *http.Request, route strin
 	if p == nil || !p.tracing {
 		return ctx, noop.Span{}
 	}
-	ctx = p.Propagator.Extract(ctx, propagation.HeaderCarrier(r.Header))
+	ctx = p.Propagator.Extract(ctx, headerCarrier(r.Header))
 	method, known := normalizeMethod(r.Method)
 	name := method
 	if !known {
@@ -217,11 +216,11 @@ func (p *Provider) StartAttempt(ctx context.Context, out *http.Request, a Attemp
 		// same trace and flags; neither span reaches a backend. That is
 		// most requests, and the SDK's span cost more than the rest of
 		// the attempt's bookkeeping.
-		p.Propagator.Inject(ctx, propagation.HeaderCarrier(out.Header))
+		p.Propagator.Inject(ctx, headerCarrier(out.Header))
 		return ctx, parent
 	}
 	ctx, span := p.Tracer.Start(ctx, name, clientStart...)
-	p.Propagator.Inject(ctx, propagation.HeaderCarrier(out.Header))
+	p.Propagator.Inject(ctx, headerCarrier(out.Header))
 	if !span.IsRecording() {
 		return ctx, span
 	}

@@ -89,18 +89,7 @@ func TestEventLoopKeepsB3DeferredOnARetry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(cfg, testLogger(t), tel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(5 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startWithTelemetry(t, cfg, testLogger(t), tel)
 	waitReady(t, s)
 	if os.Getenv("MESHD_TEST_FAST_PATH") == "" {
 		engineOf(t, s)
@@ -258,18 +247,7 @@ func TestCallersOtherB3FormIsNotPassedOn(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			s, err := New(cfg, testLogger(t), tel)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := s.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() {
-				ctx, cancel := contextWithTimeout(5 * time.Second)
-				defer cancel()
-				s.Shutdown(ctx)
-			})
+			s := startWithTelemetry(t, cfg, testLogger(t), tel)
 			waitReady(t, s)
 			c := dialRaw(t, s)
 			c.send("GET /x HTTP/1.1\r\nHost: svc\r\n" + tc.send + "\r\nX-Other: 1\r\n\r\n")

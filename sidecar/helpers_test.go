@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/meshd/meshd/sidecar/config"
+	"github.com/meshd/meshd/telemetry"
 )
 
 // backend is a real local HTTP server that records what reached it.
@@ -66,7 +67,14 @@ func startUnreadyWith(t testing.TB, yaml string, log *slog.Logger) *Sidecar {
 // readiness; it is shut down when the test ends.
 func startConfig(t testing.TB, cfg *config.Config, log *slog.Logger) *Sidecar {
 	t.Helper()
-	s, err := New(cfg, log, nil)
+	return startWithTelemetry(t, cfg, log, nil)
+}
+
+// startWithTelemetry is startConfig with the telemetry provider tel (nil:
+// none).
+func startWithTelemetry(t testing.TB, cfg *config.Config, log *slog.Logger, tel *telemetry.Provider) *Sidecar {
+	t.Helper()
+	s, err := New(cfg, log, tel)
 	if err != nil {
 		t.Fatal(err)
 	}

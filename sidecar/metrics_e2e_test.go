@@ -65,18 +65,7 @@ func startWithMetrics(t *testing.T, yaml string) (*Sidecar, *telemetry.Provider)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(cfg, testLogger(t), tel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(10 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startWithTelemetry(t, cfg, testLogger(t), tel)
 	waitReady(t, s)
 	return s, tel
 }
@@ -294,18 +283,7 @@ func startTraced(t *testing.T, yaml string) (*Sidecar, *telemetry.Provider, *tra
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(cfg, testLogger(t), tel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := contextWithTimeout(10 * time.Second)
-		defer cancel()
-		s.Shutdown(ctx)
-	})
+	s := startWithTelemetry(t, cfg, testLogger(t), tel)
 	waitReady(t, s)
 	return s, tel, rec
 }

@@ -4,8 +4,9 @@ package sidecar
 // common answer (HTTP/1.1, 2xx or 3xx, framed by one Content-Length) with
 // this scanner instead of building a header map and writing it out again:
 // the header lines to pass on are copied once, as they came. Anything the
-// scanner does not judge for itself (folded lines, a bare LF, a Connection
-// header naming other fields, chunked framing, trailers, HTTP/1.0) it
+// scanner does not judge for itself (folded lines, a bare LF, a line longer
+// than h1 reads, a Connection header naming other fields or a field named
+// Close, chunked framing, trailers, HTTP/1.0) it
 // reports as scanOther, and the goroutine path, which parses the same bytes
 // with the h1 client, decides.
 
@@ -40,7 +41,7 @@ const maxAnswerHead = 64 << 10
 // the end-to-end header lines appended, each as "Name: value\r\n" with the
 // name as the instance spelt it and the value trimmed as h1 trims it;
 // Content-Length and the hop-by-hop fields are left out (the writer frames
-// the answer itself). It allocates nothing.
+// the answer itself). It allocates nothing but out's growth.
 func scanAnswer(b []byte, out []byte) (answerHead, []byte, scanResult) {
 	h := answerHead{length: -1}
 	mark := len(out)

@@ -276,3 +276,42 @@ func TestCallersOtherB3FormIsNotPassedOn(t *testing.T) {
 		})
 	}
 }
+
+// A caller's baggage in two fields reaches the instance whole, whichever
+// path sends the request (GET: the loop's; DELETE: the goroutine path's).
+func TestBaggageInTwoFieldsIsPassedOnWhole(t *testing.T) {
+	for _, method := range []string{"GET", "DELETE"} {
+		t.Run(method, func(t *testing.T) {
+			ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			tel, err := telemetry.NewTestProvider(tracetest.NewSpanRecorder(), telemetry.Config{Propagators: []string{"tracecontext", "baggage"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { tel.Shutdown(context.Background()) })
+			cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := startWithTelemetry(t, cfg, testLogger(t), tel)
+			waitReady(t, s)
+			c := dialRaw(t, s)
+			c.send(method + " /x HTTP/1.1\r\nHost: svc\r\nbaggage: a=1\r\nbaggage: b=2\r\n\r\n")
+			if resp, body := c.answer(method); resp.StatusCode != 200 || body != "ok" {
+				t.Fatalf("%d %q", resp.StatusCode, body)
+			}
+			heads := ri.seen()
+			if len(heads) != 1 {
+				t.Fatalf("the instance saw %d requests", len(heads))
+			}
+			tp := textproto.NewReader(bufio.NewReader(strings.NewReader(heads[0])))
+			tp.ReadLine()
+			h, err := tp.ReadMIMEHeader()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := strings.Join(h.Values("Baggage"), ","); !strings.Contains(got, "a=1") || !strings.Contains(got, "b=2") {
+				t.Errorf("the instance got baggage %q, want a=1 and b=2:\n%q", got, heads[0])
+			}
+		})
+	}
+}

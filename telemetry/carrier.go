@@ -3,7 +3,12 @@ package telemetry
 import (
 	"net/http"
 	"net/textproto"
+
+	"go.opentelemetry.io/otel/propagation"
 )
+
+// The baggage propagator reads every line of its field through Values.
+var _ propagation.ValuesGetter = headerCarrier(nil)
 
 // headerCarrier is propagation.HeaderCarrier with the canonical names of
 // the trace fields looked up rather than computed: the propagators get and
@@ -18,6 +23,11 @@ func (h headerCarrier) Get(key string) string {
 		return v[0]
 	}
 	return ""
+}
+
+// Values returns every value of the field key.
+func (h headerCarrier) Values(key string) []string {
+	return h[canonicalField(key)]
 }
 
 // Set replaces the values of the field key with value.

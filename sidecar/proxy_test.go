@@ -422,9 +422,7 @@ func TestMalformedAndOversizedRequests(t *testing.T) {
 
 func TestRetriesOnAnotherInstanceWhenOneIsDown(t *testing.T) {
 	good := newBackend(t, "good", nil)
-	dead, _ := net.Listen("tcp", "127.0.0.1:0")
-	deadAddr := dead.Addr().String()
-	dead.Close()
+	deadAddr := rzClosedAddr(t)
 	s := start(t, fmt.Sprintf("discovery: {static: {payments: [%s, %s]}}\nupstreams: {payments: {balance: {algorithm: round_robin}}}\n", deadAddr, good.addr()))
 	c := proxyClient(s)
 	for i := 0; i < 20; i++ {

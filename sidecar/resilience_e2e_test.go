@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/meshd/meshd/balance"
+	"github.com/meshd/meshd/internal/testenv"
 )
 
 // These tests drive the real sidecar against real loopback backends that
@@ -92,13 +93,11 @@ func rzEventually(t testing.TB, timeout time.Duration, what string, cond func() 
 // connections to it are refused.
 func rzClosedAddr(t testing.TB) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	// A port closed after a listen on ":0" goes back to the kernel's
+	// ephemeral range, where another test's listener or any outgoing
+	// connection may take it, and the "dead" instance then answers.
+	// FreePort's ports lie below that range and are handed out once.
+	return fmt.Sprintf("127.0.0.1:%d", testenv.FreePort(t))
 }
 
 // rzHangBackend starts a backend that never answers: its handler returns

@@ -315,3 +315,54 @@ func TestBaggageInTwoFieldsIsPassedOnWhole(t *testing.T) {
 		})
 	}
 }
+
+// A caller's tracestate goes on with its trace: kept beside a valid
+// traceparent, dropped when meshd starts a new trace, on every path.
+func TestCallersTracestateFollowsItsTrace(t *testing.T) {
+	const parent = "00-80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-01"
+	for _, tc := range []struct {
+		name, send, state string
+	}{
+		{"valid parent", "traceparent: " + parent + "\r\ntracestate: k=v\r\n", "k=v"},
+		{"no parent", "tracestate: k=v\r\n", ""},
+		{"bad parent", "traceparent: 00-zz-e457b5a2e4d86bd1-01\r\ntracestate: k=v\r\n", ""},
+	} {
+		for _, method := range []string{"GET", "DELETE"} {
+			t.Run(tc.name+"/"+method, func(t *testing.T) {
+				ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+				tel, err := telemetry.NewTestProvider(tracetest.NewSpanRecorder(), telemetry.Config{Propagators: []string{"tracecontext"}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { tel.Shutdown(context.Background()) })
+				cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				s := startWithTelemetry(t, cfg, testLogger(t), tel)
+				waitReady(t, s)
+				c := dialRaw(t, s)
+				c.send(method + " /x HTTP/1.1\r\nHost: svc\r\n" + tc.send + "\r\n")
+				if resp, body := c.answer(method); resp.StatusCode != 200 || body != "ok" {
+					t.Fatalf("%d %q", resp.StatusCode, body)
+				}
+				heads := ri.seen()
+				if len(heads) != 1 {
+					t.Fatalf("the instance saw %d requests", len(heads))
+				}
+				tp := textproto.NewReader(bufio.NewReader(strings.NewReader(heads[0])))
+				tp.ReadLine()
+				h, err := tp.ReadMIMEHeader()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if got := strings.Join(h.Values("Tracestate"), ","); got != tc.state {
+					t.Errorf("the instance got tracestate %q, want %q:\n%q", got, tc.state, heads[0])
+				}
+				if tp := h.Values("Traceparent"); len(tp) != 1 || tc.state != "" && !strings.Contains(tp[0], "80f198ee56343ba864fe8b2a57d3eff7") {
+					t.Errorf("the instance got traceparent %q", tp)
+				}
+			})
+		}
+	}
+}

@@ -95,19 +95,34 @@ func NewTestProvider(rec *tracetest.SpanRecorder, cfg Config) (*Provider, error)
 var b3Headers = []string{"B3", "X-B3-Traceid", "X-B3-Spanid", "X-B3-Sampled", "X-B3-Flags", "X-B3-Parentspanid"}
 
 // stripFor lists the headers to remove before prop injects: all of b3's
-// when prop writes either of its forms.
+// when prop writes either of its forms, and tracestate when it writes W3C
+// trace context. A caller's tracestate belongs to its traceparent: when
+// that was valid, the span context meshd continues carries the state and
+// Inject writes it again; when it was not, meshd starts a new trace, and
+// the old state must not ride along with it (W3C Trace Context).
 func stripFor(prop propagation.TextMapPropagator) []string {
 	if prop == nil {
 		return nil
 	}
+	var strip []string
+	b3, state := false, false
 	for _, f := range prop.Fields() {
 		for _, h := range b3Headers {
 			if strings.EqualFold(f, h) {
-				return b3Headers
+				b3 = true
 			}
 		}
+		if strings.EqualFold(f, "tracestate") {
+			state = true
+		}
 	}
-	return nil
+	if b3 {
+		strip = append(strip, b3Headers...)
+	}
+	if state {
+		strip = append(strip, "Tracestate")
+	}
+	return strip
 }
 
 func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.SpanProcessor) (*Provider, error) {

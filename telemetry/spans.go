@@ -169,9 +169,10 @@ func (p *Provider) StartServer(ctx context.Context, r *http.Request, route strin
 }
 
 // Replaced lists the trace fields of a caller's request that StartAttempt
-// removes from out.Header before it injects its own (both forms of b3,
-// when b3 is propagated), so that a caller of the other form does not win
-// as the instance's parent. Who sends the caller's fields without putting
+// removes from out.Header before it injects its own: both forms of b3 when
+// b3 is propagated (a caller of the other form must not win as the
+// instance's parent), tracestate when W3C trace context is (Inject writes
+// it again when the caller's trace goes on). Who sends the caller's fields without putting
 // them in out.Header must leave these out. nil when tracing is off. The
 // slice is shared: do not modify it. Safe for concurrent use.
 func (p *Provider) Replaced() []string {

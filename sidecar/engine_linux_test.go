@@ -693,3 +693,28 @@ func TestEventLoopDropsAFieldNamedClose(t *testing.T) {
 		t.Errorf("the instance got %q", heads)
 	}
 }
+
+// A loop spins only after a batch of several events, and only so long:
+// one event at a time (one connection) must block, so that an idle or
+// lightly used meshd leaves the processor to others.
+func TestEventLoopSpinsOnlyWhenBusy(t *testing.T) {
+	cases := []struct {
+		last, spun int
+		want       bool
+	}{
+		{0, 0, false},
+		{1, 0, false},
+		{spinBatch, 0, true},
+		{spinBatch + 10, spinPolls - 1, true},
+		{spinBatch + 10, spinPolls, false},
+		{128, spinPolls + 1, false},
+	}
+	for _, c := range cases {
+		if got := spinNext(c.last, c.spun); got != c.want {
+			t.Errorf("spinNext(last %d, spun %d) = %v, want %v", c.last, c.spun, got, c.want)
+		}
+	}
+	if spinBatch < 2 {
+		t.Errorf("spinBatch %d: a loop serving one connection would spin between its requests", spinBatch)
+	}
+}

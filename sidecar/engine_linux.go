@@ -54,6 +54,8 @@ type engine struct {
 	next     atomic.Uint32
 	wg       sync.WaitGroup
 	stopOnce sync.Once
+	// batch: busy loops run as SCHED_BATCH (proxy.event_loop_batch).
+	batch bool
 	// native counts the answers the loops passed on themselves (counted
 	// before the head goes out), handed the requests they gave to the
 	// goroutine path (before it has them).
@@ -79,7 +81,7 @@ var loopsPerEngine = sync.OnceValue(func() int {
 
 // newEngine starts one loop per usable core.
 func newEngine(s *Sidecar) (*engine, error) {
-	e := &engine{s: s}
+	e := &engine{s: s, batch: s.cfg.Load().Proxy.EventLoopBatchOn()}
 	n := loopsPerEngine()
 	for i := 0; i < n; i++ {
 		l, err := newLoop(e)
@@ -228,6 +230,8 @@ type loop struct {
 	stopped bool
 
 	cmdStop, cmdPool atomic.Bool
+	// tid is the loop's thread while it runs locked to one (with batch).
+	tid atomic.Int32
 
 	// The rest belongs to the loop's goroutine.
 	gen      uint32
@@ -241,6 +245,9 @@ type loop struct {
 	now      int64 // when the batch of events at hand began, unix ns
 	nextDue  int64 // earliest handAt among inflight
 	lastIdle int64
+	busyAt   int64 // when a batch last held spinBatch events or more
+	batchOn  bool  // the loop's thread is SCHED_BATCH
+	batchErr bool  // changing the policy failed: the loop stays as it is
 	events   []unix.EpollEvent
 	rbuf     []byte
 	head     []byte // the header lines of the answer at hand (scanAnswer)
@@ -387,8 +394,66 @@ const spinBatch = 2
 // spun the empty looks since.
 func spinNext(last, spun int) bool { return last >= spinBatch && spun < spinPolls }
 
+// batchQuiet is how long a loop stays SCHED_BATCH after its last busy
+// batch: long enough that a loop under load does not switch back and
+// forth (each switch is a system call), short enough that one whose load
+// has gone is soon woken as promptly as before.
+const batchQuiet = 100 * time.Millisecond
+
+// batchNext reports whether a loop's thread should be SCHED_BATCH at now,
+// its last busy batch at busyAt (unix ns; 0 for never).
+func batchNext(busyAt, now int64) bool {
+	return busyAt != 0 && now-busyAt < int64(batchQuiet)
+}
+
+// setBatch makes the calling thread SCHED_BATCH (on) or SCHED_OTHER,
+// keeping its nice value, with SCHED_RESET_ON_FORK so that no thread it
+// starts inherits the policy. A thread may move between the two policies
+// without privilege.
+func setBatch(on bool) error {
+	policy := uintptr(unix.SCHED_NORMAL)
+	if on {
+		policy = unix.SCHED_BATCH
+	}
+	var param int32 // struct sched_param: priority 0, as both policies want
+	_, _, e := unix.RawSyscall(unix.SYS_SCHED_SETSCHEDULER, 0, policy|unix.SCHED_RESET_ON_FORK, uintptr(unsafe.Pointer(&param)))
+	if e != 0 {
+		return e
+	}
+	return nil
+}
+
+// schedule puts the loop's thread in the policy its load asks for (see
+// batchNext). Only with the engine's batch, whose loops are locked to
+// their threads.
+func (l *loop) schedule(now int64) {
+	want := batchNext(l.busyAt, now)
+	if want == l.batchOn || l.batchErr {
+		return
+	}
+	if err := setBatch(want); err != nil {
+		// Seccomp profiles may refuse it: the loop serves as it is.
+		l.batchErr = true
+		l.e.s.log.Warn("event loop: cannot change its scheduling policy; staying as it is", "batch", want, "err", err)
+		return
+	}
+	l.batchOn = want
+}
+
 func (l *loop) run() {
 	defer l.e.wg.Done()
+	if l.e.batch {
+		// The policy belongs to the thread: the loop keeps its own. (A
+		// goroutine that ends locked takes its thread with it, so no
+		// SCHED_BATCH thread goes back to the runtime.)
+		runtime.LockOSThread()
+		l.tid.Store(int32(unix.Gettid()))
+		defer func() {
+			if l.batchOn {
+				setBatch(false) // before the engine counts the loop ended
+			}
+		}()
+	}
 	msec, busy, last, spun := 0, 0, 0, 0
 	for {
 		var n int
@@ -433,6 +498,12 @@ func (l *loop) run() {
 			l.lastIdle = now
 			l.sweepIdle(now)
 		}
+		if l.e.batch {
+			if n >= spinBatch {
+				l.busyAt = now
+			}
+			l.schedule(now)
+		}
 		switch {
 		case n == 0 && msec == 0 && spinNext(last, spun):
 			// Busy a moment ago: give way to other threads (the
@@ -457,6 +528,11 @@ func (l *loop) run() {
 			msec = 1000
 			if l.nextDue != maxTime {
 				msec = int(min((l.nextDue-now)/int64(time.Millisecond)+1, 1000))
+			}
+			if l.batchOn && !l.batchErr {
+				// Wake when the quiet spell ends, to go back to the
+				// usual policy before the next request comes.
+				msec = min(msec, max(int((l.busyAt+int64(batchQuiet)-now)/int64(time.Millisecond))+1, 1))
 			}
 		}
 	}

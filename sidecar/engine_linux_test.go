@@ -13,6 +13,7 @@ import (
 	"net/textproto"
 	"os"
 	"reflect"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -716,5 +717,204 @@ func TestEventLoopSpinsOnlyWhenBusy(t *testing.T) {
 	}
 	if spinBatch < 2 {
 		t.Errorf("spinBatch %d: a loop serving one connection would spin between its requests", spinBatch)
+	}
+}
+
+func TestBatchNextFollowsLoad(t *testing.T) {
+	now := int64(100 * time.Second)
+	quiet := int64(batchQuiet)
+	cases := []struct {
+		busyAt int64
+		want   bool
+	}{
+		{0, false}, // never busy
+		{now, true},
+		{now - quiet + 1, true},
+		{now - quiet, false},
+		{now - 10*quiet, false},
+	}
+	for _, c := range cases {
+		if got := batchNext(c.busyAt, now); got != c.want {
+			t.Errorf("batchNext(busy %v ago) = %v, want %v", time.Duration(now-c.busyAt), got, c.want)
+		}
+	}
+}
+
+// setBatch changes the calling thread's policy and nothing else: its nice
+// value stays, and threads it starts do not inherit the policy.
+func TestSetBatchKeepsNiceAndResetsOnFork(t *testing.T) {
+	errs := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		tid := unix.Gettid()
+		was, err := unix.Getpriority(unix.PRIO_PROCESS, tid)
+		if err != nil {
+			errs <- fmt.Errorf("getpriority: %w", err)
+			return
+		}
+		errs <- func() error {
+			if err := unix.Setpriority(unix.PRIO_PROCESS, tid, 7); err != nil {
+				return fmt.Errorf("setpriority: %w", err)
+			}
+			for _, on := range []bool{true, false, true} {
+				if err := setBatch(on); err != nil {
+					return fmt.Errorf("setBatch(%v): %w", on, err)
+				}
+				a, err := unix.SchedGetAttr(0, 0)
+				if err != nil {
+					return fmt.Errorf("sched_getattr: %w", err)
+				}
+				want := uint32(unix.SCHED_NORMAL)
+				if on {
+					want = unix.SCHED_BATCH
+				}
+				if a.Policy != want || a.Nice != 7 || a.Flags&unix.SCHED_FLAG_RESET_ON_FORK == 0 {
+					return fmt.Errorf("after setBatch(%v): policy %d nice %d flags %#x, want policy %d nice 7 with reset-on-fork", on, a.Policy, a.Nice, a.Flags, want)
+				}
+			}
+			return nil
+		}()
+		// The thread goes back to the runtime only as it was (getpriority
+		// gives 20 - nice). Otherwise it stays locked, and ends with the
+		// goroutine.
+		if setBatch(false) == nil && unix.Setpriority(unix.PRIO_PROCESS, tid, 20-was) == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	if err := <-errs; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// loopPolicies returns the scheduling policy of each of e's loop threads
+// that is locked to one (-1 for a loop that is not).
+func loopPolicies(t *testing.T, e *engine) []int {
+	t.Helper()
+	var out []int
+	for _, l := range e.loops {
+		tid := l.tid.Load()
+		if tid == 0 {
+			out = append(out, -1)
+			continue
+		}
+		a, err := unix.SchedGetAttr(int(tid), 0)
+		if err != nil {
+			t.Fatalf("sched_getattr of loop thread %d: %v", tid, err)
+		}
+		out = append(out, int(a.Policy))
+	}
+	return out
+}
+
+// hammer sends GETs on conns keep-alive connections until stop is closed
+// or each has sent max; it returns how many were answered.
+func hammer(t *testing.T, s *Sidecar, conns, max int, stop <-chan struct{}) int64 {
+	t.Helper()
+	var wg sync.WaitGroup
+	var answered atomic.Int64
+	for i := 0; i < conns; i++ {
+		r := dialRaw(t, s)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; n < max; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if _, err := io.WriteString(r.c, "GET /x HTTP/1.1\r\nHost: p\r\n\r\n"); err != nil {
+					t.Errorf("writing a request: %v", err)
+					return
+				}
+				resp, err := http.ReadResponse(r.br, nil)
+				if err != nil {
+					t.Errorf("reading an answer: %v", err)
+					return
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					t.Errorf("status %d", resp.StatusCode)
+					return
+				}
+				answered.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	return answered.Load()
+}
+
+// A busy loop runs as SCHED_BATCH, and goes back to the usual policy once
+// its load is gone.
+func TestEventLoopBatchesOnlyWhileBusy(t *testing.T) {
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)))
+	e := engineOf(t, s)
+	for _, p := range loopPolicies(t, e) {
+		if p != unix.SCHED_NORMAL {
+			t.Fatalf("loop policies before any load: %v, want all %d", loopPolicies(t, e), unix.SCHED_NORMAL)
+		}
+	}
+	stop := make(chan struct{})
+	done := make(chan int64, 1)
+	go func() { done <- hammer(t, s, 16, 20000, stop) }()
+	seen := false
+	for deadline := time.Now().Add(20 * time.Second); !seen && time.Now().Before(deadline); {
+		for _, p := range loopPolicies(t, e) {
+			seen = seen || p == unix.SCHED_BATCH
+		}
+		select {
+		case n := <-done:
+			done <- n
+			deadline = time.Time{} // the load ended: look once more
+		case <-time.After(time.Millisecond):
+		}
+	}
+	close(stop)
+	n := <-done
+	if !seen {
+		t.Fatalf("no loop ran as SCHED_BATCH under 16 connections (%d requests answered); policies %v", n, loopPolicies(t, e))
+	}
+	// Idle, each loop wakes when its quiet spell (batchQuiet) ends and
+	// goes back.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		normal := true
+		for _, p := range loopPolicies(t, e) {
+			normal = normal && p == unix.SCHED_NORMAL
+		}
+		if normal {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("loops still %v 5 s after the load ended, want all %d", loopPolicies(t, e), unix.SCHED_NORMAL)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// proxy.event_loop_batch: false keeps the loops as they are, unlocked.
+func TestEventLoopBatchOff(t *testing.T) {
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nproxy: {event_loop_batch: false}\nlog: {access: false}\n", rawBackend(t)))
+	e := engineOf(t, s)
+	if n := hammer(t, s, 16, 300, nil); n != 16*300 {
+		t.Fatalf("%d requests answered, want %d", n, 16*300)
+	}
+	for _, p := range loopPolicies(t, e) {
+		if p != -1 {
+			t.Fatalf("loop policies %v: with event_loop_batch false no loop should hold a thread of its own", loopPolicies(t, e))
+		}
+	}
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		var tid int
+		fmt.Sscan(task.Name(), &tid)
+		if a, err := unix.SchedGetAttr(tid, 0); err == nil && a.Policy == unix.SCHED_BATCH {
+			t.Fatalf("thread %d is SCHED_BATCH (nice %d) with event_loop_batch false", tid, a.Nice)
+		}
 	}
 }

@@ -13,7 +13,7 @@ import (
 // rawBackend answers every request on a keep-alive connection with the same
 // fixed response, allocating nothing per request, so that a benchmark's
 // allocations are the sidecar's own.
-func rawBackend(b *testing.B) string {
+func rawBackend(b testing.TB) string {
 	b.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

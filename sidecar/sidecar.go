@@ -404,6 +404,7 @@ func checkServerReload(cur, next config.Proxy) error {
 		{"proxy.max_header_bytes", cur.MaxHeaderBytes != next.MaxHeaderBytes},
 		{"proxy.fast_path", cur.FastPathOn() != next.FastPathOn()},
 		{"proxy.event_loop", cur.EventLoopOn() != next.EventLoopOn()},
+		{"proxy.event_loop_batch", cur.EventLoopBatchOn() != next.EventLoopBatchOn()},
 	} {
 		if c.changed {
 			return fmt.Errorf("%s changed: restart meshd to apply it", c.key)

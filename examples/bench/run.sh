@@ -191,6 +191,10 @@ to_ms() { # wrk latency like 123.45us / 1.23ms / 1.2s
     else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v*1000 }
     else printf "%s", v }'
 }
+# steal_ticks: the machine's stolen ticks and all its ticks, from /proc/stat.
+# On a VM, time the host gives to others shows as steal: a run with much of
+# it measured the host, not the proxy.
+steal_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $9, t; exit}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 results=$work/results.tsv
 : > "$results"
@@ -199,9 +203,11 @@ run_one() { # target conns path round
   [ "$conns" -lt 2 ] && threads=1
   local ps; ps=$(pids_of "$target")
   local c0; c0=$(cpu_ticks "$ps")
+  local s0; s0=$(steal_ticks)
   local out
   out=$(wrk -t$threads -c"$conns" -d"${DUR}s" --latency -H 'Host: payments' "$(url_of "$target")/$path" 2>&1)
   local c1; c1=$(cpu_ticks "$ps")
+  local st; st=$(awk -v a="$s0" -v b="$(steal_ticks)" 'BEGIN {split(a, x); split(b, y); printf "%.0f", (y[2] > x[2] ? (y[1]-x[1])/(y[2]-x[2])*100 : 0)}')
   local rss; rss=$(rss_kb "$ps")
   local rps p50 p99 errs
   rps=$(echo "$out" | awk '/^Requests\/sec/ {print $2}')
@@ -211,9 +217,9 @@ run_one() { # target conns path round
   local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v d="$DUR" 'BEGIN {printf "%.0f", (b-a)/hz/d*100}')
   # CPU per request: the proxy's CPU time over the requests wrk counted.
   local cpr; cpr=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v n="$(echo "$out" | awk '/requests in/ {print $1}')" 'BEGIN {printf "%.1f", (n > 0 ? (b-a)/hz*1e6/n : 0)}')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" >> "$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" "$st" >> "$results"
   [ -n "$errs" ] && echo "bench: $target c$conns $path: $errs" >&2
-  printf '  round %s %-8s c=%-3s %-6s %10s rps  p50 %8s ms  p99 %8s ms  rss %6s KiB  cpu %4s%% %6s us/req\n' "$round" "$target" "$conns" "$path" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" >&2
+  printf '  round %s %-8s c=%-3s %-6s %10s rps  p50 %8s ms  p99 %8s ms  rss %6s KiB  cpu %4s%% %6s us/req  steal %3s%%\n' "$round" "$target" "$conns" "$path" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" "$st" >&2
 }
 
 echo "bench: ${ROUNDS} rounds of ${DUR}s per target and scenario (targets: $TARGETS)" >&2
@@ -233,13 +239,13 @@ report=$work/report.md
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(go version | awk '{print $3}'), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}'), $("$NGINX" -v 2>&1 | sed 's/.*nginx\//nginx /'), wrk ${DUR}s x ${ROUNDS} rounds, targets in turns."
   echo "Backends: one nginx worker serving 3 ports. HAProxy: nbthread 2, http-reuse always. nginx: 2 workers, keepalive 128. meshd: round_robin, access log off. Each server in a session (scheduling group) of its own."
-  echo "Medians over rounds. RSS at the end of the run; CPU is the proxy's share of one core (200% = both), and its CPU time (user and system) per request."
+  echo "Medians over rounds. RSS at the end of the run; CPU is the proxy's share of one core (200% = both), and its CPU time (user and system) per request. Steal: the share of the machine's time the VM's host took for others during the run (the highest of the rounds)."
   echo
-  echo "| scenario | target | rps | p50 ms | p99 ms | RSS MiB | CPU % | CPU us/req |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  echo "| scenario | target | rps | p50 ms | p99 ms | RSS MiB | CPU % | CPU us/req | steal % |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
   awk -F'\t' '
     function median(arr, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }; return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2 }
-    { key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; cpr[key, n[key]] = $10; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
+    { key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; cpr[key, n[key]] = $10; if ($11 > stmax[key]) stmax[key] = $11; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
     END {
       for (i = 1; i <= k; i++) {
         key = order[i]; split(key, parts, SUBSEP)
@@ -247,7 +253,7 @@ report=$work/report.md
         for (j = 1; j <= m; j++) { a[j] = rps[key, j]; b[j] = p50[key, j]; c[j] = p99[key, j]; d[j] = rss[key, j]; e[j] = cpu[key, j]; f[j] = cpr[key, j] }
         R = median(a, m); P5 = median(b, m); P9 = median(c, m); S = median(d, m); C = median(e, m); CR = median(f, m)
         med[parts[1], parts[2], "rps"] = R; med[parts[1], parts[2], "p50"] = P5; med[parts[1], parts[2], "p99"] = P9; med[parts[1], parts[2], "cpr"] = CR
-        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s | %s |\n", parts[1], parts[2], R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C), (parts[2] == "direct" ? "-" : sprintf("%.1f", CR))
+        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s | %s | %d |\n", parts[1], parts[2], R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C), (parts[2] == "direct" ? "-" : sprintf("%.1f", CR)), stmax[key]
         sc[parts[1]] = 1
       }
       print ""

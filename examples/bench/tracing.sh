@@ -47,8 +47,9 @@ for round in $(seq "$ROUNDS"); do
     MESHD_EXTRA_CONFIG="${!mode}" BENCH_OUT="$work/$mode-$round.md" examples/bench/run.sh >/dev/null 2>"$work/$mode-$round.err" || { cat "$work/$mode-$round.err" >&2; exit 1; }
     rps=$(awk -F'|' '/\| meshd \|/ {gsub(/ /, "", $4); print $4; exit}' "$work/$mode-$round.md")
     p99=$(awk -F'|' '/\| meshd \|/ {gsub(/ /, "", $6); print $6; exit}' "$work/$mode-$round.md")
-    echo "$mode $rps $p99" >> "$work/rows"
-    echo "  round $round $mode: $rps rps, p99 $p99 ms" >&2
+    steal=$(awk -F'|' '/\| meshd \|/ {gsub(/ /, "", $10); print $10; exit}' "$work/$mode-$round.md")
+    echo "$mode $rps $p99 $steal" >> "$work/rows"
+    echo "  round $round $mode: $rps rps, p99 $p99 ms, steal $steal%" >&2
   done
 done
 {
@@ -56,15 +57,15 @@ done
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, wrk 64 connections, 128 B answers, ${BENCH_DURATION}s x $ROUNDS rounds in turns; traces exported over OTLP/gRPC to Jaeger on loopback. Medians."
   echo
-  echo "| telemetry | rps | p99 ms | rps vs off |"
-  echo "|---|---:|---:|---:|"
+  echo "| telemetry | rps | p99 ms | rps vs off | steal % (highest round) |"
+  echo "|---|---:|---:|---:|---:|"
   awk '
     function median(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }; return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-    { n[$1]++; r[$1, n[$1]] = $2; p[$1, n[$1]] = $3 }
+    { n[$1]++; r[$1, n[$1]] = $2; p[$1, n[$1]] = $3; if ($4 > st[$1]) st[$1] = $4 }
     END {
       split("off one all", modes, " "); label["off"] = "off (traces none, metrics none)"; label["one"] = "traces 1% + metrics"; label["all"] = "traces 100% + metrics"
       for (m = 1; m <= 3; m++) { k = modes[m]; for (i = 1; i <= n[k]; i++) { a[i] = r[k, i]; b[i] = p[k, i] }; R[k] = median(a, n[k]); P[k] = median(b, n[k]) }
-      for (m = 1; m <= 3; m++) { k = modes[m]; printf "| %s | %.0f | %.2f | %.2f |\n", label[k], R[k], P[k], R[k] / R["off"] }
+      for (m = 1; m <= 3; m++) { k = modes[m]; printf "| %s | %.0f | %.2f | %.2f | %d |\n", label[k], R[k], P[k], R[k] / R["off"], st[k] }
     }' "$work/rows"
 } > examples/bench/tracing.md
 cat examples/bench/tracing.md

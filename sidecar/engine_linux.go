@@ -663,7 +663,10 @@ func (l *loop) pollNow() (int, error) {
 // with the raw wait (HAProxy: 0.45). Nothing waits for the processor
 // kept: the runtime has one more than there are loops. The runtime's
 // preemption signal (garbage collection, or a loop that has run 10 ms)
-// ends the wait with EINTR. A loop with no load waits the usual way.
+// ends the wait with EINTR. (With GODEBUG=asyncpreemptoff=1 there is no
+// signal: a collection then waits for the wait to end, at most the rest
+// of the loop's busy spell, 100 ms.) A loop with no load waits the usual
+// way.
 func (l *loop) waitRaw(msec int) (int, error) {
 	r, _, e := unix.RawSyscall6(unix.SYS_EPOLL_PWAIT, uintptr(l.ep), uintptr(unsafe.Pointer(&l.events[0])), uintptr(len(l.events)), uintptr(msec), 0, 0)
 	if e != 0 {

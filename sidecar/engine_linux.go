@@ -424,6 +424,9 @@ func setBatch(on bool) error {
 	return nil
 }
 
+// setPolicy is setBatch; tests make it fail.
+var setPolicy = setBatch
+
 // schedule puts the loop's thread in the policy its load asks for
 // (l.recent). Only with the engine's batch, whose loops are locked to
 // their threads.
@@ -432,7 +435,7 @@ func (l *loop) schedule() {
 	if want == l.batchOn || l.batchErr {
 		return
 	}
-	if err := setBatch(want); err != nil {
+	if err := setPolicy(want); err != nil {
 		// Seccomp profiles may refuse it: the loop serves as it is.
 		l.batchErr = true
 		l.e.s.log.Warn("event loop: cannot change its scheduling policy; staying as it is", "batch", want, "err", err)

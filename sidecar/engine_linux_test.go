@@ -918,3 +918,28 @@ func TestEventLoopBatchOff(t *testing.T) {
 		}
 	}
 }
+
+// A kernel that refuses the policy (a seccomp profile, say) costs one
+// warning per loop; the loops go on serving and do not ask again.
+func TestEventLoopBatchRefused(t *testing.T) {
+	var calls atomic.Int32
+	old := setPolicy
+	setPolicy = func(bool) error { calls.Add(1); return unix.EPERM }
+	t.Cleanup(func() { setPolicy = old })
+	var log syncBuf
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)), &log)
+	e := engineOf(t, s)
+	const conns, each = 16, 2000
+	if n := hammer(t, s, conns, each, nil); n != conns*each {
+		t.Fatalf("%d requests answered, want %d", n, conns*each)
+	}
+	warned := strings.Count(log.String(), "cannot change its scheduling policy")
+	if c := int(calls.Load()); c == 0 || c > len(e.loops) || warned != c {
+		t.Fatalf("%d refused changes and %d warnings under load, want 1-%d of each, equal; log:\n%s", c, warned, len(e.loops), log.String())
+	}
+	for _, p := range loopPolicies(t, e) {
+		if p != unix.SCHED_NORMAL {
+			t.Fatalf("loop policies %v after a refused change, want all %d", loopPolicies(t, e), unix.SCHED_NORMAL)
+		}
+	}
+}

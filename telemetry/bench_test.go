@@ -22,7 +22,7 @@ func (discardProcessor) ForceFlush(context.Context) error                { retur
 
 func benchProviders(b *testing.B) map[string]*Provider {
 	b.Helper()
-	zero, one := 0.0, 1.0
+	zero, one, pct := 0.0, 1.0, 0.01
 	mk := func(cfg Config, sp sdktrace.SpanProcessor) *Provider {
 		p, err := setup(context.Background(), cfg, nil, sp)
 		if err != nil {
@@ -34,16 +34,19 @@ func benchProviders(b *testing.B) map[string]*Provider {
 	return map[string]*Provider{
 		"recording": mk(Config{Exporter: ExporterNone, SampleRatio: &one}, discardProcessor{}),
 		"unsampled": mk(Config{Exporter: ExporterNone, SampleRatio: &zero}, discardProcessor{}),
+		"root-1pct": mk(Config{Exporter: ExporterNone, SampleRatio: &pct}, discardProcessor{}),
 		"off":       mk(Config{Exporter: ExporterNone}, nil),
 	}
 }
 
 // BenchmarkRequestSpans is the forwarding path of one request with one
 // attempt: server span, client span with routing attributes and header
-// injection, both ended.
+// injection, both ended. "unsampled" continues a caller's trace that the
+// caller chose not to sample; "root-1pct" starts a trace for a request that
+// came without one, sampling 1% of them, as most sidecars run.
 func BenchmarkRequestSpans(b *testing.B) {
 	providers := benchProviders(b)
-	for _, name := range []string{"recording", "unsampled", "off"} {
+	for _, name := range []string{"recording", "unsampled", "root-1pct", "off"} {
 		p := providers[name]
 		b.Run(name, func(b *testing.B) {
 			in := httptest.NewRequest(http.MethodGet, "/orders?id=7", nil)
@@ -53,7 +56,9 @@ func BenchmarkRequestSpans(b *testing.B) {
 			if name == "unsampled" {
 				flags = "00" // the caller decided not to sample
 			}
-			in.Header.Set("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-"+flags)
+			if name != "root-1pct" {
+				in.Header.Set("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-"+flags)
+			}
 			out, _ := http.NewRequest(http.MethodGet, "http://127.0.0.1:9001/orders?id=7", nil)
 			a := Attempt{Upstream: "payments", Algorithm: "least_request", InstanceID: "n1/p1",
 				InstanceAddr: "127.0.0.1:9001", Candidates: 3, Reason: "fewest in flight", Breaker: "closed"}

@@ -55,6 +55,12 @@ type Provider struct {
 	// the parent.
 	strip  []string
 	logger *slog.Logger
+	// sampler is the provider's sampler; lean is true when requests
+	// without trace context may be started by startLean (the propagators
+	// are only W3C trace context and baggage), leanTC when trace context
+	// is among them.
+	sampler      sdktrace.Sampler
+	lean, leanTC bool
 
 	shutdownOnce sync.Once
 	shutdownErr  error
@@ -155,6 +161,7 @@ func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.
 		opts := []sdktrace.TracerProviderOption{
 			sdktrace.WithResource(res),
 			sdktrace.WithSampler(r.sampler),
+			sdktrace.WithIDGenerator(idGenerator{}),
 		}
 		for _, name := range r.exporters {
 			exp, err := newExporter(ctx, name, cfg)
@@ -170,6 +177,8 @@ func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.
 		tp := sdktrace.NewTracerProvider(opts...)
 		p.TracerProvider = tp
 		p.tracing = true
+		p.sampler = r.sampler
+		p.lean, p.leanTC = leanPropagators(r.propNames)
 		p.shutdowns = append(p.shutdowns, tp.Shutdown)
 	}
 	p.Tracer = p.TracerProvider.Tracer(ScopeName)

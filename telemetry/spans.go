@@ -99,20 +99,37 @@ var (
 // or "{method} {route}" when route is not empty (route must be a
 // low-cardinality template such as the upstream name, never a raw path).
 //
-// Attributes are built only when the span is recording. When tracing is off
-// (or p is nil) it returns ctx unchanged and a no-op span. Safe for
-// concurrent use. Finish the span with EndServer.
+// Attributes are built only when the span is recording. A request that
+// brings no trace context and that the sampler drops gets a span that is
+// not recording, with a valid span context, made without the SDK (see
+// lean.go). When tracing is off (or p is nil) it returns ctx unchanged and a
+// no-op span. Safe for concurrent use. Finish the span with EndServer.
 func (p *Provider) StartServer(ctx context.Context, r *http.Request, route string) (context.Context, trace.Span) {
 	if p == nil || !p.tracing {
 		return ctx, noop.Span{}
 	}
-	ctx = p.Propagator.Extract(ctx, headerCarrier(r.Header))
 	method, known := normalizeMethod(r.Method)
 	name := method
 	if !known {
 		name = "HTTP"
 	}
-	ctx, span := p.Tracer.Start(ctx, name, serverStart...)
+	var span trace.Span
+	if p.lean {
+		sctx, lean, did := p.startLean(ctx, r.Header, name)
+		switch did {
+		case leanDone:
+			return sctx, lean
+		case leanPreset:
+			// Kept by the sampler: the SDK starts the span with the
+			// trace ID startLean drew, under the caller's context.
+			_, span = p.Tracer.Start(sctx, name, serverStart...)
+			ctx = trace.ContextWithSpan(ctx, span)
+		}
+	}
+	if span == nil {
+		ctx = p.Propagator.Extract(ctx, headerCarrier(r.Header))
+		ctx, span = p.Tracer.Start(ctx, name, serverStart...)
+	}
 	if !span.IsRecording() {
 		return ctx, span
 	}
@@ -208,7 +225,11 @@ func (p *Provider) StartAttempt(ctx context.Context, out *http.Request, a Attemp
 	for _, k := range p.strip {
 		delete(out.Header, k)
 	}
-	if parent := trace.SpanFromContext(ctx); !parent.IsRecording() && parent.SpanContext().IsValid() {
+	parent := trace.SpanFromContext(ctx)
+	if lean, ok := parent.(*leanSpan); ok && p.injectLean(ctx, lean, out.Header) {
+		return ctx, parent // as below, with the line made once
+	}
+	if !parent.IsRecording() && parent.SpanContext().IsValid() {
 		// Not sampled: the attempt's span would be sampled out too
 		// (with each sampler meshd can be given: a parent-based one
 		// follows the request's span, a ratio decides by the trace ID

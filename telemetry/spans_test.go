@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -15,7 +16,9 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/baggage"
 	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
@@ -670,5 +673,208 @@ func TestErrorTypeFromRealConnections(t *testing.T) {
 	cancel2()
 	if have := ErrorType(<-done); have != ErrTypeCanceled {
 		t.Errorf("cancel: want %q, have %q", ErrTypeCanceled, have)
+	}
+}
+
+// A request without trace context that the sampler drops gets a span
+// context and a traceparent line without the SDK: valid, not sampled, the
+// same in the request's context, in the line and in the access log, and
+// nothing recorded.
+func TestDroppedRootSpanWithoutSDK(t *testing.T) {
+	zero := 0.0
+	p, rec := newRecorded(t, Config{SampleRatio: &zero})
+	in := inbound(http.MethodGet, "/")
+	in.Header.Set("tracestate", "vendor=stale") // without traceparent: ignored
+	ctx, srv := p.StartServer(context.Background(), in, "payments")
+	if _, ok := srv.(*leanSpan); !ok {
+		t.Fatalf("server span: want the lean span, have %T", srv)
+	}
+	sc := srv.SpanContext()
+	if srv.IsRecording() || !sc.IsValid() || sc.IsSampled() || sc.IsRemote() {
+		t.Fatalf("server span: want valid, not sampled, not recording; have %+v recording=%v", sc, srv.IsRecording())
+	}
+	if have := trace.SpanContextFromContext(ctx); !have.Equal(sc) {
+		t.Errorf("context's span context: want %v, have %v", sc, have)
+	}
+	if srv.TracerProvider() != p.TracerProvider {
+		t.Error("span's tracer provider is not the provider's")
+	}
+	for i := 1; i <= 2; i++ { // a retry passes on the same parent
+		out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+		out.Header.Set("tracestate", "vendor=stale")
+		_, cl := p.StartAttempt(ctx, out, Attempt{Upstream: "payments", ResendCount: i - 1})
+		want := fmt.Sprintf("00-%s-%s-00", sc.TraceID(), sc.SpanID())
+		if have := out.Header.Values("traceparent"); len(have) != 1 || have[0] != want {
+			t.Errorf("attempt %d traceparent: want %s, have %q", i, want, have)
+		}
+		if have := out.Header.Get("tracestate"); have != "" {
+			t.Errorf("attempt %d tracestate: want none, have %q", i, have)
+		}
+		if have := out.Header.Get("baggage"); have != "" {
+			t.Errorf("attempt %d baggage: want none, have %q", i, have)
+		}
+		EndAttempt(cl, 200, "")
+	}
+	EndServer(srv, 200, "")
+	if n := len(rec.Ended()); n != 0 {
+		t.Errorf("recorded spans: want 0, have %d", n)
+	}
+	var buf strings.Builder
+	AccessLog(slog.New(slog.NewTextHandler(&buf, nil)), ctx, Access{Upstream: "payments", Status: 200})
+	if want := "trace_id=" + sc.TraceID().String(); !strings.Contains(buf.String(), want) {
+		t.Errorf("access log: want %s in %q", want, buf.String())
+	}
+}
+
+// A request without trace context that the sampler keeps is started by the
+// SDK with the very trace ID the sampler was shown, so that the decision
+// holds: the lean path draws the ID, the SDK must not draw another.
+func TestKeptRootSpanHasTheDrawnTraceID(t *testing.T) {
+	half := 0.5
+	p, rec := newRecorded(t, Config{SampleRatio: &half})
+	// A ratio of one half keeps a trace ID whose ninth byte is below 0x80.
+	kept := trace.TraceID{0xa1, 1, 2, 3, 4, 5, 6, 7, 0x10, 9, 10, 11, 12, 13, 14, 15}
+	dropped := trace.TraceID{0xa2, 1, 2, 3, 4, 5, 6, 7, 0xf0, 9, 10, 11, 12, 13, 14, 15}
+	ids := []trace.TraceID{kept, dropped}
+	saved := newTraceID
+	t.Cleanup(func() { newTraceID = saved })
+	newTraceID = func() trace.TraceID {
+		if len(ids) == 0 {
+			t.Fatal("more trace IDs drawn than requests started")
+		}
+		id := ids[0]
+		ids = ids[1:]
+		return id
+	}
+
+	ctx, srv := p.StartServer(context.Background(), inbound(http.MethodGet, "/"), "payments")
+	out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+	_, cl := p.StartAttempt(ctx, out, Attempt{Upstream: "payments"})
+	if !srv.IsRecording() || !cl.IsRecording() {
+		t.Fatalf("kept trace: want both spans recording, have server %v, attempt %v", srv.IsRecording(), cl.IsRecording())
+	}
+	if ctx.Value(presetTrace{}) != nil {
+		t.Error("the preset trace ID leaked into the request's context")
+	}
+	EndAttempt(cl, 200, "")
+	EndServer(srv, 200, "")
+	spans := ended(t, rec, 2)
+	for _, s := range spans {
+		if have := s.SpanContext().TraceID(); have != kept {
+			t.Errorf("span %q: want trace %s, have %s", s.Name(), kept, have)
+		}
+	}
+	if want := fmt.Sprintf("00-%s-%s-01", kept, spans[0].SpanContext().SpanID()); out.Header.Get("traceparent") != want {
+		t.Errorf("kept traceparent: want %s, have %s", want, out.Header.Get("traceparent"))
+	}
+
+	ctx, srv = p.StartServer(context.Background(), inbound(http.MethodGet, "/"), "payments")
+	out = outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+	_, cl = p.StartAttempt(ctx, out, Attempt{Upstream: "payments"})
+	if srv.IsRecording() || srv.SpanContext().TraceID() != dropped {
+		t.Errorf("dropped trace: want a span of trace %s not recording, have %s recording=%v", dropped, srv.SpanContext().TraceID(), srv.IsRecording())
+	}
+	if want := fmt.Sprintf("00-%s-%s-00", dropped, srv.SpanContext().SpanID()); out.Header.Get("traceparent") != want {
+		t.Errorf("dropped traceparent: want %s, have %s", want, out.Header.Get("traceparent"))
+	}
+	EndAttempt(cl, 200, "")
+	EndServer(srv, 200, "")
+	ended(t, rec, 2)
+	if len(ids) != 0 {
+		t.Errorf("%d trace IDs not drawn", len(ids))
+	}
+}
+
+// Baggage, in the request or in the caller's context, and propagators other
+// than W3C's take the SDK's way, which writes them.
+func TestDroppedRootSpanWithBaggageOrB3(t *testing.T) {
+	zero := 0.0
+	t.Run("baggage header", func(t *testing.T) {
+		p, _ := newRecorded(t, Config{SampleRatio: &zero})
+		in := inbound(http.MethodGet, "/")
+		in.Header.Set("baggage", "tenant=acme")
+		ctx, srv := p.StartServer(context.Background(), in, "")
+		out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+		p.StartAttempt(ctx, out, Attempt{})
+		if have := out.Header.Get("baggage"); have != "tenant=acme" {
+			t.Errorf("baggage: want tenant=acme, have %q", have)
+		}
+		if tp := out.Header.Get("traceparent"); !strings.HasSuffix(tp, "-00") || !strings.Contains(tp, srv.SpanContext().TraceID().String()) {
+			t.Errorf("traceparent: want the request's trace, not sampled; have %q", tp)
+		}
+	})
+	t.Run("baggage in context", func(t *testing.T) {
+		p, _ := newRecorded(t, Config{SampleRatio: &zero})
+		m, _ := baggage.NewMember("tenant", "acme")
+		b, _ := baggage.New(m)
+		ctx, _ := p.StartServer(baggage.ContextWithBaggage(context.Background(), b), inbound(http.MethodGet, "/"), "")
+		out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+		p.StartAttempt(ctx, out, Attempt{})
+		if have := out.Header.Get("baggage"); have != "tenant=acme" {
+			t.Errorf("baggage: want tenant=acme, have %q", have)
+		}
+	})
+	t.Run("baggage added after the server span", func(t *testing.T) {
+		p, _ := newRecorded(t, Config{SampleRatio: &zero})
+		ctx, srv := p.StartServer(context.Background(), inbound(http.MethodGet, "/"), "")
+		if _, ok := srv.(*leanSpan); !ok {
+			t.Fatalf("server span: want the lean span, have %T", srv)
+		}
+		m, _ := baggage.NewMember("tenant", "acme")
+		b, _ := baggage.New(m)
+		ctx = baggage.ContextWithBaggage(ctx, b)
+		out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+		p.StartAttempt(ctx, out, Attempt{})
+		if have := out.Header.Get("baggage"); have != "tenant=acme" {
+			t.Errorf("baggage: want tenant=acme, have %q", have)
+		}
+		if tp := out.Header.Get("traceparent"); tp != formatTraceparent(srv.SpanContext()) {
+			t.Errorf("traceparent: want %s, have %q", formatTraceparent(srv.SpanContext()), tp)
+		}
+	})
+	t.Run("b3", func(t *testing.T) {
+		p, _ := newRecorded(t, Config{SampleRatio: &zero, Propagators: []string{"tracecontext", "b3"}})
+		ctx, srv := p.StartServer(context.Background(), inbound(http.MethodGet, "/"), "")
+		if _, ok := srv.(*leanSpan); ok {
+			t.Fatal("server span: lean with b3 propagated")
+		}
+		out := outbound(t, ctx, http.MethodGet, "http://127.0.0.1:9001/")
+		p.StartAttempt(ctx, out, Attempt{})
+		sc := srv.SpanContext()
+		if want := fmt.Sprintf("%s-%s-0", sc.TraceID(), sc.SpanID()); out.Header.Get("b3") != want {
+			t.Errorf("b3: want %s, have %q", want, out.Header.Get("b3"))
+		}
+	})
+}
+
+func TestLeanPropagators(t *testing.T) {
+	for _, c := range []struct {
+		names        []string
+		lean, w3cCtx bool
+	}{
+		{[]string{"tracecontext", "baggage"}, true, true},
+		{[]string{" TraceContext "}, true, true},
+		{[]string{"baggage"}, true, false},
+		{[]string{"tracecontext", "b3"}, false, false},
+		{[]string{"b3multi"}, false, false},
+		{nil, false, false},
+	} {
+		lean, tc := leanPropagators(c.names)
+		if lean != c.lean || tc != c.w3cCtx {
+			t.Errorf("leanPropagators(%q): want %v %v, have %v %v", c.names, c.lean, c.w3cCtx, lean, tc)
+		}
+	}
+}
+
+func TestFormatTraceparent(t *testing.T) {
+	tid, _ := trace.TraceIDFromHex("4bf92f3577b34da6a3ce929d0e0e4736")
+	sid, _ := trace.SpanIDFromHex("00f067aa0ba902b7")
+	for _, flags := range []trace.TraceFlags{0, trace.FlagsSampled} {
+		sc := trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid, TraceFlags: flags})
+		h := http.Header{}
+		propagation.TraceContext{}.Inject(trace.ContextWithSpanContext(context.Background(), sc), propagation.HeaderCarrier(h))
+		if have, want := formatTraceparent(sc), h.Get("traceparent"); have != want {
+			t.Errorf("flags %v: want %s (as the SDK's propagator writes it), have %s", flags, want, have)
+		}
 	}
 }

@@ -260,6 +260,7 @@ type loop struct {
 	raw      []byte
 	reqBuf   bytes.Buffer
 	reqW     *bufio.Writer
+	preq     balance.Request // the pick's request, in begin
 }
 
 func newLoop(e *engine) (*loop, error) {
@@ -332,6 +333,9 @@ type econn struct {
 	peer     netip.Addr
 	xff      []string // X-Forwarded-For naming this client alone
 	w        fastWriter
+	// store holds the request at hand (serveNext parses into it), and
+	// the next one when this one has ended.
+	store reqStore
 }
 
 // upconn is a connection to an instance.
@@ -915,7 +919,7 @@ func (l *loop) serveNext(c *econn) {
 	l.rd.Reset(c.in[:end])
 	l.br.Reset(&l.rd)
 	l.raw = l.raw[:0]
-	req, ok, err := readHead(l.br, &l.raw, cfg.Proxy.MaxHeaderBytes, l.base)
+	req, ok, err := readHead(l.br, &l.raw, cfg.Proxy.MaxHeaderBytes, l.base, &c.store)
 	if err != nil || !ok || l.br.Buffered() != 0 || l.rd.Len() != 0 {
 		l.delegate(c, nil, nil, c.in)
 		return
@@ -1048,9 +1052,13 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	if dedicated {
 		host = u.name
 	}
-	preq := balance.Request{HTTP: req, ClientIP: clientIP, Now: start.UnixNano()}
+	// The pick's request lives in the loop: through the Picker interface
+	// a local one escaped, a heap object on every request.
+	preq := &l.preq
+	*preq = balance.Request{HTTP: req, ClientIP: clientIP, Now: start.UnixNano()}
 	preq.IgnoreHealth = g.FailOpen(len(snap.Endpoints))
-	ep, err := snap.Picker.Pick(&preq)
+	ep, err := snap.Picker.Pick(preq)
+	preq.HTTP = nil // not to hold the request until the next one
 	if err != nil {
 		return nil, begun()
 	}

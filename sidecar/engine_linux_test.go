@@ -173,6 +173,35 @@ func TestEventLoopPipelining(t *testing.T) {
 	}
 }
 
+// Requests on one connection share its request store (reqStore): each
+// must reach the instance as it was sent, with nothing left over from the
+// one before: not a header, not an escaped path, not a query.
+func TestEventLoopReusedRequestStore(t *testing.T) {
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "%s|%s|%s|%q", r.URL.EscapedPath(), r.URL.RawQuery, r.RequestURI, r.Header.Values("X-A"))
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	for i, x := range []struct{ head, want string }{
+		{"GET /a/b?x=1 HTTP/1.1\r\nHost: svc\r\nX-A: one\r\nX-A: two\r\n", `/a/b|x=1|/a/b?x=1|["one" "two"]`},
+		{"GET /c HTTP/1.1\r\nHost: svc\r\n", `/c||/c|[]`},
+		{"GET /a/b?x=1 HTTP/1.1\r\nHost: svc\r\nX-A: three\r\n", `/a/b|x=1|/a/b?x=1|["three"]`},
+		{"GET /p%2Fq?y HTTP/1.1\r\nHost: svc\r\n", `/p%2Fq|y|/p%2Fq?y|[]`},
+		{"GET /pq HTTP/1.1\r\nHost: svc\r\n", `/pq||/pq|[]`},
+	} {
+		// With a caller's X-Forwarded-For to extend, the fields go to the
+		// instance from the parsed header, not from the head's lines.
+		c.send(x.head + "X-Forwarded-For: 192.0.2.1\r\n\r\n")
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != x.want {
+			t.Fatalf("request %d: want 200 %s, have %d %s", i+1, x.want, resp.StatusCode, body)
+		}
+	}
+	if n := e.native.Load(); n != 5 {
+		t.Errorf("the loop answered %d requests, want 5", n)
+	}
+}
+
 // A large answer to a client that reads slowly arrives whole: the loop
 // stops reading the instance while the client catches up.
 func TestEventLoopSlowReaderGetsAWholeBody(t *testing.T) {

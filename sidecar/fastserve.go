@@ -12,6 +12,7 @@ import (
 	"net/textproto"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -242,7 +243,7 @@ func (f *fastServer) serveConn(c *fastConn) {
 				ok  bool
 				err error
 			)
-			req, ok, err = readHead(br, &raw, cfg.Proxy.MaxHeaderBytes, base)
+			req, ok, err = readHead(br, &raw, cfg.Proxy.MaxHeaderBytes, base, nil)
 			if err != nil {
 				return // timed out or the client went away mid-head
 			}
@@ -490,10 +491,23 @@ func (f *fastServer) closeAll() {
 	}
 }
 
+// reqStore is the memory of a request the event loop parses, kept by its
+// client connection and reused for the connection's next request: the
+// loop serves one request of a connection at a time and lets go of it when
+// the request ends, and a request handed to the goroutine path takes its
+// connection, and the store, with it. Not safe for concurrent use.
+type reqStore struct {
+	req http.Request
+	url url.URL
+	hdr http.Header
+	uri string // the last request's target: a client often asks for the same again
+}
+
 // readHead parses one request head into a copy of base (which sets its
-// context). ok is false when the request must go to net/http; raw then holds
-// every byte consumed, for replay.
-func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request) (*http.Request, bool, error) {
+// context), in st's memory when st is not nil (any request st held before
+// is overwritten). ok is false when the request must go to net/http; raw
+// then holds every byte consumed, for replay.
+func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request, st *reqStore) (*http.Request, bool, error) {
 	line, err := br.ReadSlice('\n')
 	*raw = append(*raw, line...)
 	if err != nil {
@@ -514,11 +528,33 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request) 
 	if method == "" || method == http.MethodConnect || target[0] == '*' {
 		return nil, false, nil
 	}
-	r := new(http.Request)
+	var r *http.Request
+	var hdr http.Header
+	var u *url.URL
+	if st != nil {
+		r, u = &st.req, &st.url
+		if hdr = st.hdr; hdr == nil {
+			hdr = make(http.Header, 8)
+			st.hdr = hdr
+		} else {
+			clear(hdr)
+		}
+	} else {
+		r, hdr = new(http.Request), make(http.Header, 8)
+	}
 	*r = *base
-	r.Method, r.Proto, r.ProtoMajor, r.ProtoMinor, r.Header = method, "HTTP/1.1", 1, 1, make(http.Header, 8)
-	r.RequestURI = string(target)
-	if r.URL, err = url.ParseRequestURI(r.RequestURI); err != nil {
+	r.Method, r.Proto, r.ProtoMajor, r.ProtoMinor, r.Header = method, "HTTP/1.1", 1, 1, hdr
+	if st != nil && st.uri == string(target) {
+		r.RequestURI = st.uri
+	} else {
+		r.RequestURI = string(target)
+		if st != nil {
+			st.uri = r.RequestURI
+		}
+	}
+	if u != nil && parseOrigin(r.RequestURI, u) {
+		r.URL = u
+	} else if r.URL, err = url.ParseRequestURI(r.RequestURI); err != nil {
 		return nil, false, nil
 	}
 	var cl, te, hosts int
@@ -610,6 +646,56 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request) 
 	}
 	return r, true, nil
 }
+
+// parseOrigin sets *u to what url.ParseRequestURI makes of target, for
+// the usual origin-form target: a path of characters a URL path keeps as
+// they are, and an optional query of visible ASCII. It reports false,
+// leaving *u to be overwritten, for anything else (escapes, a scheme,
+// other characters), which ParseRequestURI must judge. Path and RawQuery
+// share target's memory.
+func parseOrigin(target string, u *url.URL) bool {
+	if target == "" || target[0] != '/' {
+		return false
+	}
+	path, query, hasQuery := strings.Cut(target, "?")
+	for i := 0; i < len(path); i++ {
+		if !pathKeeps[path[i]] {
+			return false
+		}
+	}
+	if hasQuery {
+		if query == "" {
+			return false // a bare "?": ParseRequestURI sets ForceQuery
+		}
+		for i := 0; i < len(query); i++ {
+			if c := query[i]; c <= ' ' || c >= 0x7f {
+				return false
+			}
+		}
+	}
+	*u = url.URL{Path: path, RawQuery: query}
+	return true
+}
+
+// pathKeeps marks the bytes a URL path holds unescaped: letters, digits,
+// the unreserved "-._~" and the sub-delimiters and separators net/url does
+// not escape in a path. With only these, Path is the target's path and
+// RawPath stays empty.
+var pathKeeps = func() (t [256]bool) {
+	for c := 'a'; c <= 'z'; c++ {
+		t[c] = true
+	}
+	for c := 'A'; c <= 'Z'; c++ {
+		t[c] = true
+	}
+	for c := '0'; c <= '9'; c++ {
+		t[c] = true
+	}
+	for _, c := range "-._~$&+,/:;=@" {
+		t[c] = true
+	}
+	return t
+}()
 
 func trimCRLF(b []byte) []byte {
 	if n := len(b); n > 0 && b[n-1] == '\n' {

@@ -5,9 +5,14 @@ import (
 	"bytes"
 	"io"
 	"net/http"
+	"net/url"
+	"reflect"
 	"strings"
 	"testing"
 )
+
+// dirtyHead is a request a store holds before the one under test.
+const dirtyHead = "GET /old/p%41th?x=1 HTTP/1.1\r\nHost: before\r\nX-Old: 1\r\nConnection: close\r\n\r\n"
 
 // FuzzReadHead holds the fast parser to net/http's: whatever head the fast
 // path accepts, net/http must accept too and read the same method, target,
@@ -37,7 +42,7 @@ func FuzzReadHead(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, in string) {
 		var raw []byte
-		fast, ok, err := readHead(bufio.NewReaderSize(strings.NewReader(in), 4096), &raw, 64<<10, new(http.Request))
+		fast, ok, err := readHead(bufio.NewReaderSize(strings.NewReader(in), 4096), &raw, 64<<10, new(http.Request), nil)
 		if err != nil || !ok {
 			// Handed off (or the input ended): raw must be a prefix of
 			// the input so that net/http can be replayed the exact bytes.
@@ -45,6 +50,23 @@ func FuzzReadHead(f *testing.F) {
 				t.Fatalf("replay bytes %q are not a prefix of the input", raw)
 			}
 			return
+		}
+		// Parsed again into a store that held another request, as a
+		// client connection's next request is, it must come out the same.
+		st := &reqStore{}
+		var raw2 []byte
+		if _, ok, _ := readHead(bufio.NewReaderSize(strings.NewReader(dirtyHead), 4096), &raw2, 64<<10, new(http.Request), st); !ok {
+			t.Fatal("the store's first request was not taken")
+		}
+		raw2 = raw2[:0]
+		again, ok, err := readHead(bufio.NewReaderSize(strings.NewReader(in), 4096), &raw2, 64<<10, new(http.Request), st)
+		if err != nil || !ok {
+			t.Fatalf("taken without a store, not with one (%v)", err)
+		}
+		if again != &st.req || !reflect.DeepEqual(again.Header, fast.Header) || *again.URL != *fast.URL ||
+			again.Method != fast.Method || again.Host != fast.Host || again.RequestURI != fast.RequestURI ||
+			again.ContentLength != fast.ContentLength || again.Close != fast.Close {
+			t.Fatalf("in a used store: %+v\nwithout a store: %+v", again, fast)
 		}
 		std, serr := http.ReadRequest(bufio.NewReader(strings.NewReader(in)))
 		if serr != nil {
@@ -76,6 +98,31 @@ func FuzzReadHead(f *testing.F) {
 		sb, serr2 := io.ReadAll(std.Body)
 		if (ferr == nil) != (serr2 == nil) || !bytes.Equal(fb, sb) {
 			t.Fatalf("body: fast %q (%v), net/http %q (%v)", fb, ferr, sb, serr2)
+		}
+	})
+}
+
+// FuzzParseOrigin holds parseOrigin to url.ParseRequestURI: whatever target
+// it takes, it must make the URL ParseRequestURI makes.
+func FuzzParseOrigin(f *testing.F) {
+	for _, seed := range []string{
+		"/", "/small", "/a/b?c=d&e=f", "/a?", "/a??b", "/%41", "/a b", "/a#b", "/a?b#c",
+		"//x/y", "/a;b=c,d:e@f$g&h+i~j", "/a!b", "/a*b", "/(x)", "/é", "/a?é", "http://p/x", "*", "",
+		"/a?b\x7f", "/\x00",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, target string) {
+		u := url.URL{Scheme: "stale", Host: "stale", Path: "/stale", RawPath: "/st%61le", ForceQuery: true, Fragment: "f"}
+		if !parseOrigin(target, &u) {
+			return
+		}
+		want, err := url.ParseRequestURI(target)
+		if err != nil {
+			t.Fatalf("parseOrigin took %q, ParseRequestURI refuses it: %v", target, err)
+		}
+		if u != *want {
+			t.Fatalf("%q: parseOrigin %#v, ParseRequestURI %#v", target, u, *want)
 		}
 	})
 }

@@ -175,6 +175,7 @@ type resolved struct {
 	protocol    string
 	sampler     sdktrace.Sampler
 	samplerDesc string
+	batch       batchConfig
 	propagator  propagation.TextMapPropagator
 	propNames   []string
 }
@@ -221,6 +222,10 @@ func resolve(c Config) (resolved, error) {
 		if err != nil {
 			return r, err
 		}
+	}
+
+	if r.batch, err = batchConfigFromEnv(); err != nil {
+		return r, err
 	}
 
 	// Protocol.

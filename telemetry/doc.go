@@ -67,8 +67,13 @@
 //     OTEL_EXPORTER_OTLP_TRACES_HEADERS: extra headers on every export,
 //     such as an API key. Headers from the key replace those from the
 //     variables. Other OTEL_EXPORTER_OTLP_* variables (certificates,
-//     compression, timeout) and OTEL_BSP_* (batching) are honoured by the
-//     exporter and batch processor directly.
+//     compression, timeout) are honoured by the exporter directly.
+//   - OTEL_BSP_SCHEDULE_DELAY (ms, 5000), OTEL_BSP_EXPORT_TIMEOUT (ms,
+//     30000), OTEL_BSP_MAX_QUEUE_SIZE (2048) and
+//     OTEL_BSP_MAX_EXPORT_BATCH_SIZE (512): batching, with the SDK batch
+//     processor's meaning and defaults. meshd batches spans itself (a span
+//     ending wakes no goroutine); a value that is not a positive integer
+//     is an error.
 //   - sample_ratio [SampleRatio], OTEL_TRACES_SAMPLER,
 //     OTEL_TRACES_SAMPLER_ARG: which traces are recorded. sample_ratio r
 //     records the fraction r of new traces and follows the caller's

@@ -169,7 +169,7 @@ func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.
 				p.shutdownAll(ctx)
 				return nil, fmt.Errorf("telemetry: exporter %s: %w", name, err)
 			}
-			opts = append(opts, sdktrace.WithBatcher(exp))
+			opts = append(opts, sdktrace.WithSpanProcessor(newBatcher(exp, r.batch)))
 		}
 		if extra != nil {
 			opts = append(opts, sdktrace.WithSpanProcessor(extra))

@@ -1,0 +1,267 @@
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// batchRecorder is an exporter that keeps every batch it is given, tells
+// batches when one arrives, and holds ExportSpans while gate is closed.
+type batchRecorder struct {
+	mu       sync.Mutex
+	got      [][]string    // span names, batch by batch
+	batches  chan int      // the size of each batch, as it arrives
+	entered  chan struct{} // told when ExportSpans is called, before the gate
+	gate     chan struct{}
+	shutdown bool
+}
+
+func newBatchRecorder() *batchRecorder {
+	return &batchRecorder{batches: make(chan int, 100)}
+}
+
+func (r *batchRecorder) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	if r.entered != nil {
+		r.entered <- struct{}{}
+	}
+	if r.gate != nil {
+		<-r.gate
+	}
+	names := make([]string, len(spans))
+	for i, s := range spans {
+		names[i] = s.Name()
+	}
+	r.mu.Lock()
+	r.got = append(r.got, names)
+	r.mu.Unlock()
+	r.batches <- len(spans)
+	return nil
+}
+
+func (r *batchRecorder) Shutdown(context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.shutdown = true
+	return nil
+}
+
+func (r *batchRecorder) batchesSoFar() [][]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]string(nil), r.got...)
+}
+
+// await waits for the next batch and returns its size.
+func (r *batchRecorder) await(t *testing.T) int {
+	t.Helper()
+	select {
+	case n := <-r.batches:
+		return n
+	case <-time.After(10 * time.Second):
+		t.Fatal("no batch exported within 10 s")
+		return 0
+	}
+}
+
+// spansThrough returns a tracer whose spans end in b, sampled by sampler.
+func spansThrough(t *testing.T, b *batcher, sampler sdktrace.Sampler) trace.Tracer {
+	t.Helper()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sampler), sdktrace.WithSpanProcessor(b))
+	t.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+	return tp.Tracer("test")
+}
+
+func endSpans(tr trace.Tracer, from, to int) {
+	for i := from; i < to; i++ {
+		_, s := tr.Start(context.Background(), fmt.Sprint(i))
+		s.End()
+	}
+}
+
+// A full batch is exported at once, in the order the spans ended, without
+// waiting for the timer.
+func TestBatcherExportsFullBatches(t *testing.T) {
+	rec := newBatchRecorder()
+	b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 16, maxBatch: 4})
+	tr := spansThrough(t, b, sdktrace.AlwaysSample())
+	endSpans(tr, 0, 4)
+	if n := rec.await(t); n != 4 {
+		t.Fatalf("exported %d spans, want 4", n)
+	}
+	endSpans(tr, 4, 8)
+	if n := rec.await(t); n != 4 {
+		t.Fatalf("exported %d spans, want 4", n)
+	}
+	if have, want := fmt.Sprint(rec.batchesSoFar()), "[[0 1 2 3] [4 5 6 7]]"; have != want {
+		t.Errorf("batches: want %s, have %s", want, have)
+	}
+}
+
+// Spans not sampled (recorded only) are not exported; a lone span goes out
+// when the timer fires.
+func TestBatcherTimerAndUnsampled(t *testing.T) {
+	rec := newBatchRecorder()
+	b := newBatcher(rec, batchConfig{delay: 20 * time.Millisecond, timeout: time.Second, maxQueue: 16, maxBatch: 4})
+	endSpans(spansThrough(t, b, recordOnly{}), 0, 3)
+	endSpans(spansThrough(t, b, sdktrace.AlwaysSample()), 3, 4)
+	if n := rec.await(t); n != 1 {
+		t.Fatalf("first batch: %d spans, want the sampled one", n)
+	}
+	if have, want := fmt.Sprint(rec.batchesSoFar()), "[[3]]"; have != want {
+		t.Errorf("batches: want %s, have %s", want, have)
+	}
+}
+
+// recordOnly records every span without sampling it.
+type recordOnly struct{}
+
+func (recordOnly) ShouldSample(sdktrace.SamplingParameters) sdktrace.SamplingResult {
+	return sdktrace.SamplingResult{Decision: sdktrace.RecordOnly}
+}
+func (recordOnly) Description() string { return "record only" }
+
+// While the exporter is busy, the queue takes maxQueue spans and drops
+// the rest, counting them; what it took goes out once the exporter is free.
+func TestBatcherDropsWhenFull(t *testing.T) {
+	rec := newBatchRecorder()
+	rec.gate, rec.entered = make(chan struct{}), make(chan struct{}, 2)
+	b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 4, maxBatch: 4})
+	tr := spansThrough(t, b, sdktrace.AlwaysSample())
+	endSpans(tr, 0, 4) // a full batch: taken off the queue by the exporter, which waits at the gate
+	select {
+	case <-rec.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the first batch was not taken within 10 s")
+	}
+	endSpans(tr, 4, 10) // 4 fit, 2 do not
+	if d := b.Dropped(); d != 2 {
+		t.Errorf("dropped %d, want 2", d)
+	}
+	close(rec.gate)
+	if n := rec.await(t) + rec.await(t); n != 8 {
+		t.Fatalf("exported %d, want 8", n)
+	}
+	if have, want := fmt.Sprint(rec.batchesSoFar()), "[[0 1 2 3] [4 5 6 7]]"; have != want {
+		t.Errorf("batches: want %s, have %s", want, have)
+	}
+}
+
+// ForceFlush sends what is queued now; Shutdown sends the rest, shuts the
+// exporter down, and takes no more spans.
+func TestBatcherFlushAndShutdown(t *testing.T) {
+	rec := newBatchRecorder()
+	b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 16, maxBatch: 8})
+	tr := spansThrough(t, b, sdktrace.AlwaysSample())
+	endSpans(tr, 0, 3)
+	if err := b.ForceFlush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if have, want := fmt.Sprint(rec.batchesSoFar()), "[[0 1 2]]"; have != want {
+		t.Fatalf("after ForceFlush: want %s, have %s", want, have)
+	}
+	endSpans(tr, 3, 5)
+	if err := b.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	endSpans(tr, 5, 6) // after the shutdown: not taken
+	if have, want := fmt.Sprint(rec.batchesSoFar()), "[[0 1 2] [3 4]]"; have != want {
+		t.Errorf("after Shutdown: want %s, have %s", want, have)
+	}
+	rec.mu.Lock()
+	down := rec.shutdown
+	rec.mu.Unlock()
+	if !down {
+		t.Error("the exporter was not shut down")
+	}
+	if err := b.Shutdown(context.Background()); err != nil {
+		t.Errorf("second Shutdown: %v", err)
+	}
+	if err := b.ForceFlush(context.Background()); err != nil {
+		t.Errorf("ForceFlush after Shutdown: %v", err)
+	}
+}
+
+// Spans ended on many goroutines at once are each exported exactly once.
+func TestBatcherConcurrentSpans(t *testing.T) {
+	rec := newBatchRecorder()
+	rec.batches = make(chan int, 10000)
+	b := newBatcher(rec, batchConfig{delay: 5 * time.Millisecond, timeout: time.Second, maxQueue: 100000, maxBatch: 64})
+	tr := spansThrough(t, b, sdktrace.AlwaysSample())
+	const workers, each = 8, 500
+	var wg sync.WaitGroup
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			endSpans(tr, w*each, (w+1)*each)
+		}()
+	}
+	wg.Wait()
+	if err := b.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[string]int{}
+	for _, batch := range rec.batchesSoFar() {
+		if len(batch) > 64 {
+			t.Errorf("a batch of %d, over the maximum of 64", len(batch))
+		}
+		for _, n := range batch {
+			seen[n]++
+		}
+	}
+	if len(seen) != workers*each {
+		t.Errorf("exported %d distinct spans, want %d", len(seen), workers*each)
+	}
+	for n, c := range seen {
+		if c != 1 {
+			t.Errorf("span %s exported %d times", n, c)
+		}
+	}
+	if b.Dropped() != 0 {
+		t.Errorf("dropped %d", b.Dropped())
+	}
+}
+
+// A shutdown that cannot finish within its context says so.
+func TestBatcherShutdownDeadline(t *testing.T) {
+	rec := newBatchRecorder()
+	rec.gate = make(chan struct{})
+	defer close(rec.gate)
+	b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 16, maxBatch: 1})
+	endSpans(spansThrough(t, b, sdktrace.AlwaysSample()), 0, 1) // the exporter holds it at the gate
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := b.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown: want the deadline, have %v", err)
+	}
+}
+
+func TestBatchConfigFromEnv(t *testing.T) {
+	t.Setenv("OTEL_BSP_SCHEDULE_DELAY", "250")
+	t.Setenv("OTEL_BSP_EXPORT_TIMEOUT", "")
+	t.Setenv("OTEL_BSP_MAX_QUEUE_SIZE", "100")
+	t.Setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")
+	c, err := batchConfigFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (batchConfig{delay: 250 * time.Millisecond, timeout: 30 * time.Second, maxQueue: 100, maxBatch: 100}); c != want {
+		t.Errorf("want %+v, have %+v", want, c)
+	}
+	t.Setenv("OTEL_BSP_MAX_QUEUE_SIZE", "lots")
+	if _, err := batchConfigFromEnv(); err == nil || !strings.Contains(err.Error(), "OTEL_BSP_MAX_QUEUE_SIZE") {
+		t.Errorf("want an error naming OTEL_BSP_MAX_QUEUE_SIZE, have %v", err)
+	}
+	t.Setenv("OTEL_BSP_MAX_QUEUE_SIZE", "0")
+	if _, err := batchConfigFromEnv(); err == nil {
+		t.Error("a queue of 0: want an error")
+	}
+}

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin}
 JAEGER=${MESHD_JAEGER_BIN:-$HOME/.cache/meshd/bin/jaeger}
 [ -x "$JAEGER" ] || .ci/install-tool jaeger
-ROUNDS=${BENCH_ROUNDS:-3}
+ROUNDS=${BENCH_ROUNDS:-5}
 export BENCH_DURATION=${BENCH_DURATION:-5} BENCH_ROUNDS=1 BENCH_TARGETS=meshd BENCH_SCENARIOS="64:small"
 work=$(mktemp -d)
 trap 'kill $jpid 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -25,15 +26,23 @@ import (
 // batch is full, or when asked to flush.
 //
 // OnEnd is safe for concurrent use and takes no lock. A span that finds the
-// queue full is dropped and counted (Dropped), as the SDK's are.
+// queue full, or ends once Shutdown has begun, is dropped and counted
+// (Dropped), as the SDK's are. Every other span ended is exported before
+// Shutdown shuts the exporter down, unless Shutdown's context ends first.
+// Exports never overlap each other or the exporter's Shutdown.
 type batcher struct {
 	exp  sdktrace.SpanExporter
 	conf batchConfig
 
 	head    atomic.Pointer[spanNode] // the latest span first
-	queued  atomic.Int64
+	pushing atomic.Int64             // OnEnd calls past their look at stopped
 	dropped atomic.Int64
 	stopped atomic.Bool
+
+	// ctx bounds every export; Shutdown cancels it when its own context
+	// ends, so that an export in progress gives up.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	kick    chan struct{}      // a batch is full (buffered: at most one wake-up pending)
 	flushes chan chan struct{} // ForceFlush's requests
@@ -42,9 +51,14 @@ type batcher struct {
 	once    sync.Once
 }
 
+// spanNode is one queued span. n is the length of the list from this node
+// down: the queue's depth when it was pushed, exact because a node's next
+// never changes once it is on the list and the list is only ever taken
+// whole.
 type spanNode struct {
 	s    sdktrace.ReadOnlySpan
 	next *spanNode
+	n    int
 }
 
 // batchConfig are the batching settings, with the defaults and the
@@ -87,7 +101,10 @@ func batchConfigFromEnv() (batchConfig, error) {
 // newBatcher starts a batcher exporting to exp. Shut it down to stop its
 // goroutine; that exports what is queued and shuts exp down.
 func newBatcher(exp sdktrace.SpanExporter, conf batchConfig) *batcher {
+	ctx, cancel := context.WithCancel(context.Background())
 	b := &batcher{
+		ctx:     ctx,
+		cancel:  cancel,
 		exp:     exp,
 		conf:    conf,
 		kick:    make(chan struct{}, 1),
@@ -103,25 +120,37 @@ func newBatcher(exp sdktrace.SpanExporter, conf batchConfig) *batcher {
 func (b *batcher) OnStart(context.Context, sdktrace.ReadWriteSpan) {}
 
 // OnEnd queues s for export when it is sampled.
+//
+// Shutdown sets stopped and then waits until pushing is zero. With the
+// atomics' single order, an OnEnd that read stopped as false incremented
+// pushing before that read, so Shutdown sees it and waits for its push:
+// no span is pushed after the final export.
 func (b *batcher) OnEnd(s sdktrace.ReadOnlySpan) {
-	if b.stopped.Load() || !s.SpanContext().IsSampled() {
+	if !s.SpanContext().IsSampled() {
 		return
 	}
-	n := b.queued.Add(1)
-	if n > int64(b.conf.maxQueue) {
-		b.queued.Add(-1)
+	b.pushing.Add(1)
+	defer b.pushing.Add(-1)
+	if b.stopped.Load() {
 		b.dropped.Add(1)
 		return
 	}
 	node := &spanNode{s: s}
 	for {
 		old := b.head.Load()
-		node.next = old
+		node.next, node.n = old, 1
+		if old != nil {
+			if old.n >= b.conf.maxQueue {
+				b.dropped.Add(1)
+				return
+			}
+			node.n = old.n + 1
+		}
 		if b.head.CompareAndSwap(old, node) {
 			break
 		}
 	}
-	if n%int64(b.conf.maxBatch) == 0 {
+	if node.n%b.conf.maxBatch == 0 {
 		select {
 		case b.kick <- struct{}{}:
 		default:
@@ -129,7 +158,16 @@ func (b *batcher) OnEnd(s sdktrace.ReadOnlySpan) {
 	}
 }
 
-// Dropped returns how many spans found the queue full.
+// depth is how many spans are queued.
+func (b *batcher) depth() int {
+	if h := b.head.Load(); h != nil {
+		return h.n
+	}
+	return 0
+}
+
+// Dropped returns how many spans found the queue full, ended after Shutdown
+// began, or were left unexported when Shutdown's context ended.
 func (b *batcher) Dropped() int64 { return b.dropped.Load() }
 
 // ForceFlush exports every span queued when it is called, and waits for
@@ -154,25 +192,37 @@ func (b *batcher) ForceFlush(ctx context.Context) error {
 	}
 }
 
-// Shutdown stops taking spans, exports what is queued and shuts the
-// exporter down, within ctx. Later calls do nothing.
+// Shutdown stops taking spans, exports what is queued and then shuts the
+// exporter down. When ctx ends first it returns ctx's error, cancels the
+// export in progress (what is left unexported is counted as dropped) and
+// leaves the exporter's Shutdown to follow when that export has returned,
+// never beside it. Later calls do nothing.
 func (b *batcher) Shutdown(ctx context.Context) error {
 	var err error
 	b.once.Do(func() {
 		b.stopped.Store(true)
+		for b.pushing.Load() != 0 {
+			runtime.Gosched() // an OnEnd between its look at stopped and its push
+		}
 		close(b.stop)
+		finished := make(chan error, 1)
+		go func() {
+			<-b.done
+			finished <- b.exp.Shutdown(ctx)
+		}()
 		select {
-		case <-b.done:
+		case err = <-finished:
 		case <-ctx.Done():
+			b.cancel()
 			err = ctx.Err()
 		}
-		err = errors.Join(err, b.exp.Shutdown(ctx))
 	})
 	return err
 }
 
 func (b *batcher) run() {
 	defer close(b.done)
+	defer b.cancel()
 	t := time.NewTicker(b.conf.delay)
 	defer t.Stop()
 	for {
@@ -181,8 +231,13 @@ func (b *batcher) run() {
 			b.export()
 		case <-b.kick:
 			b.export()
-			for b.queued.Load() >= int64(b.conf.maxBatch) {
-				b.export() // more came while it exported
+			if b.depth() >= b.conf.maxBatch {
+				// More came while it exported: go again, after any
+				// flush or stop that is waiting.
+				select {
+				case b.kick <- struct{}{}:
+				default:
+				}
 			}
 		case done := <-b.flushes:
 			b.export()
@@ -201,17 +256,19 @@ func (b *batcher) export() {
 	if list == nil {
 		return
 	}
-	var spans []sdktrace.ReadOnlySpan
+	spans := make([]sdktrace.ReadOnlySpan, list.n)
+	i := list.n
 	for n := list; n != nil; n = n.next {
-		spans = append(spans, n.s)
-	}
-	b.queued.Add(-int64(len(spans)))
-	for i, j := 0, len(spans)-1; i < j; i, j = i+1, j-1 {
-		spans[i], spans[j] = spans[j], spans[i]
+		i--
+		spans[i] = n.s
 	}
 	for len(spans) > 0 {
+		if b.ctx.Err() != nil {
+			b.dropped.Add(int64(len(spans))) // Shutdown gave up on them
+			return
+		}
 		n := min(len(spans), b.conf.maxBatch)
-		ctx, cancel := context.WithTimeout(context.Background(), b.conf.timeout)
+		ctx, cancel := context.WithTimeout(b.ctx, b.conf.timeout)
 		if err := b.exp.ExportSpans(ctx, spans[:n]); err != nil {
 			otel.Handle(fmt.Errorf("export %d spans: %w", n, err))
 		}

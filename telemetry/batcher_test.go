@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 )
 
@@ -155,7 +157,7 @@ func TestBatcherDropsWhenFull(t *testing.T) {
 }
 
 // ForceFlush sends what is queued now; Shutdown sends the rest, shuts the
-// exporter down, and takes no more spans.
+// exporter down, and takes no more spans (counting them as dropped).
 func TestBatcherFlushAndShutdown(t *testing.T) {
 	rec := newBatchRecorder()
 	b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 16, maxBatch: 8})
@@ -171,7 +173,10 @@ func TestBatcherFlushAndShutdown(t *testing.T) {
 	if err := b.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	endSpans(tr, 5, 6) // after the shutdown: not taken
+	endSpans(tr, 5, 6) // after the shutdown: not taken, counted
+	if d := b.Dropped(); d != 1 {
+		t.Errorf("dropped %d after Shutdown, want 1", d)
+	}
 	if have, want := fmt.Sprint(rec.batchesSoFar()), "[[0 1 2] [3 4]]"; have != want {
 		t.Errorf("after Shutdown: want %s, have %s", want, have)
 	}
@@ -265,3 +270,178 @@ func TestBatchConfigFromEnv(t *testing.T) {
 		t.Error("a queue of 0: want an error")
 	}
 }
+
+// shutdownWatch is a batchRecorder that notes exports made during or after
+// the exporter's Shutdown.
+type shutdownWatch struct {
+	*batchRecorder
+	mu         sync.Mutex
+	down       bool
+	exporting  bool
+	afterDown  int
+	overlapped bool
+	downCh     chan struct{} // closed by Shutdown
+}
+
+func (w *shutdownWatch) ExportSpans(ctx context.Context, spans []sdktrace.ReadOnlySpan) error {
+	w.mu.Lock()
+	if w.down {
+		w.afterDown += len(spans)
+	}
+	w.exporting = true
+	w.mu.Unlock()
+	err := w.batchRecorder.ExportSpans(ctx, spans)
+	w.mu.Lock()
+	w.exporting = false
+	w.mu.Unlock()
+	return err
+}
+
+func (w *shutdownWatch) Shutdown(ctx context.Context) error {
+	w.mu.Lock()
+	w.down = true
+	w.overlapped = w.exporting
+	close(w.downCh)
+	w.mu.Unlock()
+	return w.batchRecorder.Shutdown(ctx)
+}
+
+// A shutdown whose context ends while an export hangs leaves the exporter's
+// Shutdown until that export has returned: the exporter is never shut down
+// beside an export, nor given spans after it; the spans still queued are
+// counted as dropped.
+func TestBatcherShutdownDeadlineWaitsForExport(t *testing.T) {
+	w := &shutdownWatch{batchRecorder: newBatchRecorder(), downCh: make(chan struct{})}
+	w.gate, w.entered = make(chan struct{}), make(chan struct{}, 4)
+	b := newBatcher(w, batchConfig{delay: time.Hour, timeout: time.Minute, maxQueue: 16, maxBatch: 1})
+	tr := spansThrough(t, b, sdktrace.AlwaysSample())
+	endSpans(tr, 0, 1)
+	<-w.entered // the exporter holds span 0 at the gate
+	endSpans(tr, 1, 3)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := b.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("Shutdown: want the deadline, have %v", err)
+	}
+	w.mu.Lock()
+	early := w.down
+	w.mu.Unlock()
+	if early {
+		t.Error("the exporter was shut down while an export was still in progress")
+	}
+	close(w.gate)
+	<-b.done
+	select {
+	case <-w.downCh:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the exporter was not shut down within 10 s of the export's end")
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.overlapped || w.afterDown != 0 {
+		t.Errorf("exporter Shutdown beside an export: %v; spans exported after it: %d", w.overlapped, w.afterDown)
+	}
+	exported := 0
+	for _, batch := range w.batchesSoFar() {
+		exported += len(batch)
+	}
+	if exported != 1 || b.Dropped() != 2 {
+		t.Errorf("exported %d and dropped %d, want 1 and 2", exported, b.Dropped())
+	}
+}
+
+// Spans ending while Shutdown runs are each either exported or counted as
+// dropped, never left on the queue: Shutdown waits for an OnEnd that has
+// looked at the stop flag before it pushes.
+func TestBatcherSpansRacingShutdownAreAccounted(t *testing.T) {
+	sc := trace.NewSpanContext(trace.SpanContextConfig{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{1}, TraceFlags: trace.FlagsSampled})
+	span := tracetest.SpanStub{Name: "s", SpanContext: sc}.Snapshot()
+	for run := 0; run < 100; run++ {
+		rec := newBatchRecorder()
+		rec.batches = make(chan int, 1<<16)
+		b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 1 << 20, maxBatch: 1 << 20})
+		const pushers = 2
+		var calls [pushers]int
+		started := make(chan struct{}, pushers)
+		var wg sync.WaitGroup
+		for p := 0; p < pushers; p++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; i < 1<<16 && !b.stopped.Load(); i++ {
+					b.OnEnd(span)
+					if calls[p]++; calls[p] == 10 {
+						started <- struct{}{}
+					}
+				}
+				b.OnEnd(span) // one at least after the stop
+				calls[p]++
+			}()
+		}
+		for p := 0; p < pushers; p++ {
+			<-started
+		}
+		if err := b.Shutdown(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		wg.Wait()
+		exported := 0
+		for _, batch := range rec.batchesSoFar() {
+			exported += len(batch)
+		}
+		total := calls[0] + calls[1]
+		if b.head.Load() != nil || int64(exported)+b.Dropped() != int64(total) {
+			t.Fatalf("run %d: %d spans ended, %d exported, %d dropped, left on the queue: %v", run, total, exported, b.Dropped(), b.head.Load() != nil)
+		}
+	}
+}
+
+// Under a steady stream of full batches, a flush still gets its turn: here
+// every export brings two spans more, so a full batch is always waiting.
+func TestBatcherFlushUnderLoad(t *testing.T) {
+	sc := trace.NewSpanContext(trace.SpanContextConfig{TraceID: trace.TraceID{1}, SpanID: trace.SpanID{1}, TraceFlags: trace.FlagsSampled})
+	span := tracetest.SpanStub{Name: "s", SpanContext: sc}.Snapshot()
+	f := &feeder{span: span, stop: make(chan struct{}), streaming: make(chan struct{})}
+	f.b = newBatcher(f, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 1 << 20, maxBatch: 1})
+	f.b.OnEnd(span)
+	<-f.streaming
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := f.b.ForceFlush(ctx)
+	close(f.stop)
+	if err != nil {
+		t.Errorf("ForceFlush under a stream of full batches: %v (after %d exports)", err, f.exports.Load())
+	}
+	if err := f.b.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// feeder is an exporter that ends two spans more in its batcher with every
+// export, up to 100 million (the cap only bounds a broken batcher), until
+// stop is closed.
+type feeder struct {
+	b         *batcher
+	span      sdktrace.ReadOnlySpan
+	stop      chan struct{}
+	streaming chan struct{} // closed at the tenth export
+	exports   atomic.Int64
+}
+
+func (f *feeder) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error {
+	select {
+	case <-f.stop:
+	default:
+		n := f.exports.Add(1)
+		if n == 10 {
+			close(f.streaming)
+		}
+		if n < 100_000_000 {
+			f.b.OnEnd(f.span)
+			f.b.OnEnd(f.span)
+		}
+	}
+	return nil
+}
+
+func (f *feeder) Shutdown(context.Context) error { return nil }

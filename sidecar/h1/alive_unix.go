@@ -6,8 +6,8 @@ import "syscall"
 
 // alive reports whether an idle pooled connection still looks usable: the
 // instance has not closed it (no end of stream waiting to be read) and has
-// sent nothing unasked. It costs one non-blocking system call, so it is
-// made only before sending a request that must not be sent twice.
+// sent nothing unasked. It costs one non-blocking system call, made before
+// every request sent on a pooled connection.
 func (c *conn) alive() bool {
 	if c.br.Buffered() > 0 {
 		return false

@@ -311,10 +311,11 @@ func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
 			// A retry after a stale connection dials: the next pooled
 			// one is likely stale too.
 			c = t.get(addr)
-			// A request that may not be sent twice is not sent on a
-			// connection the instance has already closed: once sent,
-			// it could not be sent again.
-			for c != nil && !replayable(req) && !c.alive() {
+			// No request is sent on a connection the instance has
+			// closed or has sent bytes on unasked: a request that may
+			// not be sent twice could not be sent again, and bytes
+			// waiting there would be read as this request's answer.
+			for c != nil && !c.alive() {
 				c.close()
 				c = t.get(addr)
 			}
@@ -995,9 +996,13 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 }
 
 // finish ends an exchange: the connection goes back to the pool or is closed.
+//
+// A connection that holds bytes past the answer's end (a HEAD or 304
+// answer with a body, a body longer than its Content-Length) is closed:
+// those bytes would otherwise be read as the next request's answer.
 func (c *conn) finish(reuse bool) {
 	c.release()
-	if !reuse || c.canceled.Load() || c.broken.Load() {
+	if !reuse || c.canceled.Load() || c.broken.Load() || c.br.Buffered() > 0 {
 		c.close()
 		return
 	}

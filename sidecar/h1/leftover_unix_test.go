@@ -1,0 +1,118 @@
+//go:build unix
+
+package h1
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Bytes an instance sends past an answer's end (a HEAD answer with a body,
+// a body longer than its Content-Length, anything sent on an idle
+// connection) are never read as a later request's answer: the connection
+// is retired and the next request dials.
+func TestLeftoverBytesRetireTheConnection(t *testing.T) {
+	const poison = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\npoison!"
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var conns atomic.Int64
+	late := make(chan struct{}) // the test asks for the unasked bytes
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := conns.Add(1)
+			go func(c net.Conn) {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					switch req.URL.Path {
+					case "/head":
+						fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(poison), poison)
+					case "/long":
+						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"+poison)
+					case "/late":
+						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+						<-late
+						io.WriteString(c, poison)
+					default:
+						fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nconn%02d", n)
+					}
+				}
+			}(c)
+		}
+	}()
+	tr := New(Options{})
+	t.Cleanup(tr.CloseIdleConnections)
+	url := "http://" + ln.Addr().String()
+	fresh := func(step string) {
+		t.Helper()
+		before := conns.Load()
+		if _, body := get(t, tr, url+"/next"); body != fmt.Sprintf("conn%02d", before+1) {
+			t.Errorf("after %s: the next answer was %q, want one on a new connection (conn%02d)", step, body, before+1)
+		}
+	}
+
+	req, _ := http.NewRequest("HEAD", url+"/head", nil)
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	fresh("a HEAD answer with a body")
+
+	if _, body := get(t, tr, url+"/long"); body != "ok" {
+		t.Fatalf("/long: %q", body)
+	}
+	fresh("a body longer than its Content-Length")
+
+	if _, body := get(t, tr, url+"/late"); body != "ok" {
+		t.Fatalf("/late: %q", body)
+	}
+	late <- struct{}{}
+	waitReadable(t, tr, ln.Addr().String())
+	fresh("bytes sent on an idle connection")
+}
+
+// waitReadable waits until the one idle connection pooled to addr has
+// bytes to read.
+func waitReadable(t *testing.T, tr *Transport, addr string) {
+	t.Helper()
+	p := tr.poolFor(addr)
+	p.mu.Lock()
+	if len(p.idle) != 1 {
+		p.mu.Unlock()
+		t.Fatalf("%d idle connections, want 1", len(p.idle))
+	}
+	c := p.idle[0]
+	p.mu.Unlock()
+	rc, err := c.nc.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.nc.SetReadDeadline(time.Now().Add(10 * time.Second))
+	defer c.nc.SetReadDeadline(time.Time{})
+	var b [1]byte
+	if err := rc.Read(func(fd uintptr) bool {
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return err != syscall.EAGAIN
+	}); err != nil {
+		t.Fatal(err)
+	}
+}

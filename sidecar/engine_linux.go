@@ -147,11 +147,12 @@ func (e *engine) command(c loopCmd) {
 	}
 }
 
-// loopCmd asks a loop to close the connections of one listener: its idle
-// ones, or all.
+// loopCmd asks a loop to close the connections of one listener (its idle
+// ones, or all), or to run fn.
 type loopCmd struct {
 	f   *fastServer
 	all bool
+	fn  func(*loop) // instead: run on the loop (tests look at its state)
 }
 
 // dropIdle asks every loop to close its idle connections to instances.
@@ -349,6 +350,7 @@ type upconn struct {
 	out        []byte
 	outOn      bool
 	inOff      bool
+	hup        bool // hung up while not read: parked until the client catches up
 	idleSince  int64
 	x          *etry
 }
@@ -566,6 +568,10 @@ func (l *loop) woken() bool {
 		return true
 	}
 	for _, cmd := range cmds {
+		if cmd.fn != nil {
+			cmd.fn(l)
+			continue
+		}
 		for c := range l.clients {
 			switch {
 			case c.f != cmd.f:
@@ -744,10 +750,13 @@ func (l *loop) clientEvent(c *econn, ev uint32) {
 	case n > 0:
 		c.in = append(c.in, l.rbuf[:n]...)
 		c.lastUsed = l.now
-		if c.x == nil {
+		if c.x == nil && len(c.out) == 0 {
 			l.serveNext(c)
-		} else if len(c.in) > 64<<10 {
-			// Pipelined far ahead: read on after this answer.
+		} else if len(c.in) > maxPipelined {
+			// Pipelined far ahead while an answer is in progress or
+			// still going out: read on once it is out (serveNext),
+			// so that a client that sends without reading cannot make
+			// the loop hold more than this.
 			l.clientIn(c, false)
 		}
 	case err == unix.EAGAIN || err == unix.EINTR:
@@ -876,7 +885,7 @@ func (l *loop) flushClient(c *econn) {
 		l.rearm(c.fd, c.gen, c.events())
 	}
 	if c.x == nil {
-		if c.closeNow || c.eof || c.dead {
+		if c.closeNow || c.dead || c.eof && len(c.in) == 0 {
 			l.closeClient(c)
 			return
 		}
@@ -898,6 +907,10 @@ func headEnd(b []byte) int {
 	}
 	return -1
 }
+
+// maxPipelined is how much a client may send ahead of the answers it has
+// not yet taken before the loop stops reading it.
+const maxPipelined = 64 << 10
 
 // serveNext starts the next request in c.in, if one is there. The answer
 // before must be out: answers go in order.
@@ -1390,6 +1403,11 @@ func (l *loop) dial(addr string) (*upconn, error) {
 }
 
 func (u *upconn) events() uint32 {
+	if u.inOff && u.hup {
+		// Parked: hang-ups are reported whatever is asked for, so the
+		// one left is taken once and then the connection stays quiet.
+		return unix.EPOLLONESHOT
+	}
 	var ev uint32
 	if !u.inOff {
 		ev |= unix.EPOLLIN
@@ -1496,9 +1514,15 @@ func (l *loop) upEvent(u *upconn, ev uint32) {
 		}
 	}
 	if u.inOff && ev&(unix.EPOLLHUP|unix.EPOLLERR) != 0 {
-		// Reset while the loop waited for the client to catch up (see
-		// clientBroke): the rest of the answer is lost.
-		l.upFailed(x, io.ErrUnexpectedEOF)
+		// Closed or reset while the loop waited for the client to
+		// catch up. What the instance sent before is still there to
+		// read, and may be the whole answer: park the connection until
+		// the client has taken what is out (upIn), then read on to the
+		// end or the error.
+		if !u.hup {
+			u.hup = true
+			l.rearm(u.fd, u.gen, u.events())
+		}
 		return
 	}
 	if ev&(unix.EPOLLIN|unix.EPOLLHUP|unix.EPOLLERR) == 0 || u.inOff {
@@ -1686,7 +1710,9 @@ func (l *loop) complete(x *etry) {
 	if len(c.out) > 0 {
 		return // flushClient goes on
 	}
-	if c.closeNow || c.eof {
+	if c.closeNow || c.eof && len(c.in) == 0 {
+		// (A client that has closed its side is still answered the
+		// requests it sent before.)
 		l.closeClient(c)
 		return
 	}
@@ -1695,7 +1721,7 @@ func (l *loop) complete(x *etry) {
 
 // release pools u again, or closes it.
 func (l *loop) release(u *upconn, x *etry) {
-	if !x.reuse || len(u.in) > 0 || u.inOff && !l.reenable(u) {
+	if !x.reuse || u.hup || len(u.in) > 0 || u.inOff && !l.reenable(u) {
 		l.closeUp(u)
 		return
 	}

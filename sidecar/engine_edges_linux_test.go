@@ -1,0 +1,234 @@
+package sidecar
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// onLoops runs fn on each of e's loops, one at a time, and returns when
+// all have.
+func onLoops(t *testing.T, e *engine, fn func(*loop)) {
+	t.Helper()
+	done := make(chan struct{}, len(e.loops))
+	var one sync.Mutex
+	for _, l := range e.loops {
+		l.mu.Lock()
+		l.cmds = append(l.cmds, loopCmd{fn: func(l *loop) {
+			one.Lock()
+			fn(l)
+			one.Unlock()
+			done <- struct{}{}
+		}})
+		l.pokeLocked()
+		l.mu.Unlock()
+	}
+	for range e.loops {
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a loop did not run the command within 10 s")
+		}
+	}
+}
+
+// awaitLoops waits until cond holds on some loop, looking again each time
+// the loops have run it; it fails after 10 s.
+func awaitLoops(t *testing.T, e *engine, what string, cond func(*loop) bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		held := false
+		onLoops(t, e, func(l *loop) { held = held || cond(l) })
+		if held {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the loops did not come to %s within 10 s", what)
+		}
+	}
+}
+
+// A client that sent two requests and then closed its side while the
+// first answer was still coming gets both answers, as on the goroutine
+// path: what it sent before its end is served.
+func TestEventLoopAnswersWhatCameBeforeAHalfClose(t *testing.T) {
+	release := make(chan struct{})
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/first" {
+			w.Header().Set("Content-Length", "200000")
+			w.Write(bytes.Repeat([]byte("a"), 100000))
+			w.(http.Flusher).Flush()
+			<-release
+			w.Write(bytes.Repeat([]byte("a"), 100000))
+			return
+		}
+		fmt.Fprint(w, r.URL.Path)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /first HTTP/1.1\r\nHost: svc\r\n\r\nGET /second HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if _, err := c.br.Peek(1); err != nil { // the first answer has begun
+		t.Fatal(err)
+	}
+	c.c.(*net.TCPConn).CloseWrite()
+	awaitLoops(t, e, "see the client's end", func(l *loop) bool {
+		for cl := range l.clients {
+			if cl.eof && cl.x != nil {
+				return true
+			}
+		}
+		return false
+	})
+	close(release)
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || len(body) != 200000 {
+		t.Fatalf("first answer: %d, %d bytes", resp.StatusCode, len(body))
+	}
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "/second" {
+		t.Fatalf("second answer: %d %q", resp.StatusCode, body)
+	}
+	if n := e.native.Load(); n != 2 {
+		t.Errorf("the loop answered %d requests, want 2", n)
+	}
+}
+
+// A client that sends without reading its answers cannot make the loop
+// hold more than maxPipelined of its input (and one read more): the loop
+// stops reading it, and the kernel pushes back.
+func TestEventLoopBoundsWhatAClientSendsAhead(t *testing.T) {
+	// Whole answers in one write: the loop completes each at once, and
+	// the ones the client does not take wait in its buffer.
+	ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nContent-Length: 4096\r\n\r\n"+strings.Repeat("b", 4096))
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.c.(*net.TCPConn).SetReadBuffer(64 << 10)
+	// 2,000 requests for 8 MiB of answers, none of which is read, then
+	// as many bytes as will go.
+	c.send(strings.Repeat("GET / HTTP/1.1\r\nHost: svc\r\n\r\n", 2000))
+	awaitLoops(t, e, "hold an answer the client does not take", func(l *loop) bool {
+		for cl := range l.clients {
+			if cl.x == nil && len(cl.out) > 0 {
+				return true
+			}
+		}
+		return false
+	})
+	junk := bytes.Repeat([]byte("j"), 1<<20)
+	c.c.SetWriteDeadline(time.Now().Add(time.Second))
+	sent := 0
+	for sent < 64<<20 {
+		n, err := c.c.Write(junk)
+		sent += n
+		if err != nil {
+			break
+		}
+	}
+	held := 0
+	onLoops(t, e, func(l *loop) {
+		for cl := range l.clients {
+			held = max(held, len(cl.in))
+		}
+	})
+	if limit := maxPipelined + len(e.loops[0].rbuf); held > limit {
+		t.Errorf("the loop holds %d bytes of the client's input, over %d", held, limit)
+	}
+	if sent >= 32<<20 {
+		t.Errorf("the client sent %d MiB into a connection whose answers it does not read", sent>>20)
+	}
+}
+
+// An instance that sends the rest of its answer and then resets its
+// connection while the loop is not reading it (its client is slow) still
+// gets the whole answer to the client: the loop parks the connection on
+// the reset and, once the client has caught up, reads what came before it.
+// The test stops and restarts the reading itself, as a slow client's
+// buffers would, so that the reset comes at that moment.
+func TestEventLoopReadsAnAnswerSentBeforeAReset(t *testing.T) {
+	half := bytes.Repeat([]byte("0123456789abcdef"), 4<<10) // 64 KiB
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	begun, more, reset := make(chan struct{}), make(chan struct{}), make(chan error, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c := nc.(*net.TCPConn)
+		defer c.Close()
+		if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+			reset <- err
+			return
+		}
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", 2*len(half), half)
+		close(begun)
+		<-more
+		c.Write(half)
+		// Every byte acknowledged by meshd's side, then a reset.
+		raw, err := c.SyscallConn()
+		if err != nil {
+			reset <- err
+			return
+		}
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			var q int
+			raw.Control(func(fd uintptr) { q, err = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+			if err != nil || q == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				err = fmt.Errorf("%d bytes still unacknowledged after 10 s", q)
+				break
+			}
+			time.Sleep(time.Millisecond) // the kernel's queue has no event to wait on
+		}
+		c.SetLinger(0)
+		reset <- err
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {disabled: true}}}\n", ln.Addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /big HTTP/1.1\r\nHost: svc\r\n\r\n")
+	<-begun
+	paused := false
+	onLoops(t, e, func(l *loop) {
+		for _, o := range l.fds {
+			if u, ok := o.(*upconn); ok && u.x != nil {
+				l.upIn(u, false)
+				paused = true
+			}
+		}
+	})
+	if !paused {
+		t.Fatal("no loop had the request's connection to the instance")
+	}
+	close(more)
+	if err := <-reset; err != nil {
+		t.Fatal(err)
+	}
+	awaitLoops(t, e, "park the connection the instance reset", func(l *loop) bool {
+		for _, o := range l.fds {
+			if u, ok := o.(*upconn); ok && u.hup {
+				l.upIn(u, true) // the client has caught up
+				return true
+			}
+		}
+		return false
+	})
+	resp, got := c.answer("GET")
+	if want := string(half) + string(half); resp.StatusCode != 200 || got != want {
+		t.Fatalf("answer: %d, %d bytes of %d", resp.StatusCode, len(got), len(want))
+	}
+}

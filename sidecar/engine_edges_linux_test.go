@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -230,5 +231,60 @@ func TestEventLoopReadsAnAnswerSentBeforeAReset(t *testing.T) {
 	resp, got := c.answer("GET")
 	if want := string(half) + string(half); resp.StatusCode != 200 || got != want {
 		t.Fatalf("answer: %d, %d bytes of %d", resp.StatusCode, len(got), len(want))
+	}
+}
+
+// A 204 goes out without a Content-Length, whatever the instance sent
+// (RFC 9110, 8.6), on every path; the connection serves on.
+func TestNoContentGoesOutWithoutALength(t *testing.T) {
+	ri := newRawInstance(t,
+		"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+	c := dialRaw(t, s)
+	c.send("GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+	var head []string
+	for {
+		line, err := c.br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("after %q: %v", head, err)
+		}
+		if line == "\r\n" {
+			break
+		}
+		head = append(head, strings.TrimSpace(line))
+	}
+	if head[0] != "HTTP/1.1 204 No Content" || !slices.Contains(head, "X-A: 1") {
+		t.Fatalf("head: %q", head)
+	}
+	for _, l := range head {
+		if strings.HasPrefix(strings.ToLower(l), "content-length") || strings.HasPrefix(strings.ToLower(l), "transfer-encoding") {
+			t.Errorf("a 204 went out with %q", l)
+		}
+	}
+	c.send("GET /b HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+		t.Fatalf("next answer: %d %q", resp.StatusCode, body)
+	}
+}
+
+// The target reaches the instance as the client wrote it, an empty query
+// included, on every path.
+func TestTargetPassesAsWritten(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+	c := dialRaw(t, s)
+	targets := []string{"/a?", "/a?b=c", "/a%2Fb?", "/a;b=c"}
+	for _, target := range targets {
+		c.send("GET " + target + " HTTP/1.1\r\nHost: svc\r\n\r\n")
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("%s: %d %q", target, resp.StatusCode, body)
+		}
+	}
+	seen := ri.seen()
+	for i, target := range targets {
+		if line, _, _ := strings.Cut(seen[i], "\r\n"); line != "GET "+target+" HTTP/1.1" {
+			t.Errorf("sent %q, the instance got %q", target, line)
+		}
 	}
 }

@@ -1102,7 +1102,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	}
 	// The request for the instance, as outgoing builds it, in x. Its
 	// context is set when a goroutine takes it over.
-	x.url = url.URL{Scheme: "http", Host: ep.Address, Path: req.URL.Path, RawPath: req.URL.RawPath, RawQuery: req.URL.RawQuery, Opaque: req.URL.Opaque}
+	x.url = url.URL{Scheme: "http", Host: ep.Address, Path: req.URL.Path, RawPath: req.URL.RawPath, RawQuery: req.URL.RawQuery, ForceQuery: req.URL.ForceQuery, Opaque: req.URL.Opaque}
 	x.out = http.Request{Method: req.Method, URL: &x.url, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Header: hdr, Host: host}
 	out := &x.out
 	_, aspan := s.tel.StartAttempt(ctx, out, telemetry.Attempt{

@@ -592,8 +592,8 @@ func readHead(br *bufio.Reader, raw *[]byte, maxHeader int, base *http.Request, 
 		v := string(raw)
 		switch key {
 		case "Host":
-			if hosts++; hosts > 1 {
-				return nil, false, nil
+			if hosts++; hosts > 1 || !httpguts.ValidHostHeader(v) {
+				return nil, false, nil // net/http answers 400
 			}
 			r.Host = v
 			continue
@@ -995,13 +995,16 @@ func (w *fastWriter) commit() error {
 		}
 	}
 	switch {
+	case w.status == http.StatusNoContent || w.status < 200:
+		// Neither a length nor framing (RFC 9110, 8.6), whatever the
+		// instance said.
 	case w.declared >= 0:
 		bw.WriteString("Content-Length: ")
 		w.num = strconv.AppendInt(w.num[:0], w.declared, 10)
 		bw.Write(w.num)
 		bw.WriteString("\r\n")
 	case w.noBody:
-		if w.status != http.StatusNoContent && w.status != http.StatusNotModified && w.req.Method != http.MethodHead {
+		if w.status != http.StatusNotModified && w.req.Method != http.MethodHead {
 			bw.WriteString("Content-Length: 0\r\n")
 		}
 	default:

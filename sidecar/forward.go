@@ -718,7 +718,7 @@ func drain(body io.ReadCloser) {
 
 // outgoing builds one attempt's request to addr.
 func outgoing(ctx context.Context, r *http.Request, addr, host string, hdr http.Header, body *reqBody) *http.Request {
-	u := &url.URL{Scheme: "http", Host: addr, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery}
+	u := &url.URL{Scheme: "http", Host: addr, Path: r.URL.Path, RawPath: r.URL.RawPath, RawQuery: r.URL.RawQuery, ForceQuery: r.URL.ForceQuery}
 	if r.URL.Opaque != "" {
 		u.Opaque = r.URL.Opaque
 	}

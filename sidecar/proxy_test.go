@@ -347,6 +347,32 @@ func TestServerSentEventsArriveOneByOne(t *testing.T) {
 	}
 }
 
+// A Host no host could have is refused with 400, as net/http's server
+// refuses it, on every path, and never passed on to the instance.
+func TestMalformedHostIsRefused(t *testing.T) {
+	b := newBackend(t, "p1", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {payments: [%s]}}\nupstreams: {payments: {}}\n", b.addr()))
+	for _, host := range []string{"payments:80 junk", "payments:x/../admin", "payments:1@evil.example", "pay ments", "payments\x7f"} {
+		conn, err := net.Dial("tcp", s.Addr("outbound"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(conn, "GET / HTTP/1.1\r\nHost: "+host+"\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		conn.Close()
+		if err != nil {
+			t.Fatalf("Host %q: no answer: %v", host, err)
+		}
+		if resp.StatusCode != 400 {
+			t.Errorf("Host %q: want 400, have %d", host, resp.StatusCode)
+		}
+	}
+	if n := b.hits.Load(); n != 0 {
+		t.Errorf("the instance was sent %d of the requests", n)
+	}
+}
+
 func TestMalformedAndOversizedRequests(t *testing.T) {
 	b := newBackend(t, "p1", nil)
 	s := start(t, fmt.Sprintf("discovery: {static: {payments: [%s]}}\nupstreams: {payments: {}}\nproxy: {max_header_bytes: 4096, read_header_timeout: 300ms}\n", b.addr()))

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -286,5 +288,64 @@ func TestTargetPassesAsWritten(t *testing.T) {
 		if line, _, _ := strings.Cut(seen[i], "\r\n"); line != "GET "+target+" HTTP/1.1" {
 			t.Errorf("sent %q, the instance got %q", target, line)
 		}
+	}
+}
+
+// Once a listener's shutdown has given up waiting (closeAll), a connection
+// that was on its way into a loop is closed on arrival rather than served,
+// so the shutdown's wait for its connections ends.
+func TestEventLoopClosesAnArrivalAfterCloseAll(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := os.NewFile(uintptr(pair[1]), "peer")
+	defer peer.Close()
+	f := &fastServer{}
+	f.dropAll.Store(true)
+	f.wg.Add(1)
+	onLoops(t, e, func(l *loop) {
+		if l == e.loops[0] {
+			l.addClient(adoptee{fd: pair[0], f: f})
+		}
+	})
+	done := make(chan struct{})
+	go func() { f.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the connection was kept: its server's count never fell to zero")
+	}
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := peer.Read(make([]byte, 1)); err != io.EOF {
+		t.Errorf("the connection's other end read %d, %v; want the end of stream", n, err)
+	}
+}
+
+// A connection a loop hands to the goroutine path after its listener's
+// shutdown has given up waiting is closed, not served.
+func TestEventLoopHandOverAfterCloseAllIsClosed(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	awaitLoops(t, e, "take the connection in", func(l *loop) bool { return len(l.clients) > 0 })
+	var f *fastServer
+	onLoops(t, e, func(l *loop) {
+		for cl := range l.clients {
+			f = cl.f
+		}
+	})
+	f.dropAll.Store(true)
+	// A request with a body: the loop hands it over.
+	c.send("POST / HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi")
+	if resp, err := http.ReadResponse(c.br, nil); err == nil {
+		t.Fatalf("the request was served (%d) after closeAll", resp.StatusCode)
+	}
+	if n := b.hits.Load(); n != 0 {
+		t.Errorf("the instance was sent %d requests", n)
 	}
 }

@@ -694,6 +694,13 @@ func (l *loop) unregister(fd int) {
 }
 
 func (l *loop) addClient(a adoptee) {
+	if a.f.dropAll.Load() {
+		// Its server gave up waiting while the connection was on its
+		// way (and may already have told the loops to drop all).
+		unix.Close(a.fd)
+		a.f.wg.Done()
+		return
+	}
 	l.gen++
 	c := &econn{l: l, f: a.f, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: time.Now().UnixNano()}
 	c.w.closing = &a.f.closing
@@ -984,6 +991,13 @@ func (l *loop) delegate(c *econn, req *http.Request, st *started, prefix []byte)
 	}
 	f.mu.Lock()
 	f.conns[fc] = struct{}{}
+	if f.dropAll.Load() {
+		// closeAll has run, or runs now and finds it: either way it is
+		// closed (set before closeAll takes f.mu, so one of the two
+		// sees the other).
+		fc.state.Store(connClosed)
+		fc.nc.Close()
+	}
 	f.mu.Unlock()
 	// The loop's count of the connection passes to the goroutine's.
 	go f.serveConn(fc)

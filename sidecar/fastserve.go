@@ -48,6 +48,7 @@ type fastServer struct {
 	mu      sync.Mutex
 	conns   map[*fastConn]struct{}
 	closing atomic.Bool
+	dropAll atomic.Bool // closeAll has begun: a connection arriving now is closed
 	wg      sync.WaitGroup
 	served  chan struct{} // closed when the accept loop ends
 }
@@ -480,6 +481,9 @@ func (f *fastServer) closeIdle() {
 }
 
 func (f *fastServer) closeAll() {
+	// First, so that a connection a loop takes in or hands over while
+	// this runs is closed on arrival, and the wait for all of them ends.
+	f.dropAll.Store(true)
 	if f.eng != nil {
 		f.eng.closeAll(f) // the loops drop this listener's connections
 	}

@@ -262,6 +262,14 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 					cancelTry = func() { stop(); cancel() }
 				}
 			}
+			if ex.tries > 1 {
+				// The try before may still be read by its transport (a
+				// held answer's body is open, and net/http asks that a
+				// request not change until then); this one, whose
+				// attempt span injects its own trace context, gets its
+				// own header map.
+				hdr = hdr.Clone()
+			}
 			out := outgoing(tryCtx, r, ep.Address, host, hdr, body)
 			_, aspan = s.tel.StartAttempt(tryCtx, out, telemetry.Attempt{
 				Upstream: u.name, Algorithm: set.algorithm, InstanceID: ep.ID, InstanceAddr: ep.Address,

@@ -349,3 +349,50 @@ func TestEventLoopHandOverAfterCloseAllIsClosed(t *testing.T) {
 		t.Errorf("the instance was sent %d requests", n)
 	}
 }
+
+// An instance's informational answers (103 Early Hints) reach an HTTP/1.1
+// caller before the final answer, on every path, as a proxy must pass
+// them on (RFC 9110, 15.2); a 100 Continue it was not asked for does not,
+// and neither does anything to an HTTP/1.0 caller.
+func TestInterimAnswersArePassedOn(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 100 Continue\r\n\r\n"+
+		"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\n"+
+		"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Final: 1\r\n\r\nok")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", ri.ln.Addr()))
+	readHead := func(c *loopConn) []string {
+		t.Helper()
+		var head []string
+		for {
+			line, err := c.br.ReadString('\n')
+			if err != nil {
+				t.Fatalf("after %q: %v", head, err)
+			}
+			if line == "\r\n" {
+				return head
+			}
+			head = append(head, strings.TrimSpace(line))
+		}
+	}
+	for _, proto := range []string{"HTTP/1.1", "HTTP/1.0"} {
+		c := dialRaw(t, s)
+		c.send("GET /page " + proto + "\r\nHost: svc\r\n\r\n")
+		first := readHead(c)
+		if proto == "HTTP/1.1" {
+			if first[0] != "HTTP/1.1 103 Early Hints" || !slices.Contains(first, "Link: </a.css>; rel=preload") {
+				t.Fatalf("%s: first head %q, want the 103 with its Link", proto, first)
+			}
+			for _, l := range first[1:] {
+				if !strings.HasPrefix(l, "Link:") {
+					t.Errorf("%s: the 103 carried %q", proto, l)
+				}
+			}
+			first = readHead(c)
+		}
+		if !strings.HasSuffix(first[0], " 200 OK") || !slices.Contains(first, "X-Final: 1") || slices.Contains(first, "Link: </a.css>; rel=preload") {
+			t.Fatalf("%s: final head %q", proto, first)
+		}
+		if body := make([]byte, 2); func() error { _, err := io.ReadFull(c.br, body); return err }() != nil || string(body) != "ok" {
+			t.Fatalf("%s: body %q", proto, body)
+		}
+	}
+}

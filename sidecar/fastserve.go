@@ -908,7 +908,11 @@ func (w *fastWriter) SetReadDeadline(t time.Time) error {
 func (w *fastWriter) closeAfterResponse() { w.closeAfter = true }
 
 func (w *fastWriter) WriteHeader(code int) {
-	if w.wroteHeader || code < 200 {
+	if w.wroteHeader {
+		return
+	}
+	if code < 200 {
+		w.interim(code)
 		return
 	}
 	w.wroteHeader, w.status = true, code
@@ -974,6 +978,35 @@ func (w *fastWriter) Flush() {
 }
 
 // commit writes the status line and headers, then any buffered body.
+// interim sends an informational (1xx) answer with the fields in the
+// header map at once, as net/http's server does; the final answer follows.
+// 101 is for the upgrade path, which meshd's own server takes.
+func (w *fastWriter) interim(code int) {
+	if code < 100 || code == http.StatusSwitchingProtocols {
+		return
+	}
+	bw := w.bw
+	bw.WriteString("HTTP/1.1 ")
+	w.num = strconv.AppendInt(w.num[:0], int64(code), 10)
+	bw.Write(w.num)
+	bw.WriteString(" ")
+	bw.WriteString(http.StatusText(code))
+	bw.WriteString("\r\n")
+	for k, vv := range w.header {
+		if k == "Transfer-Encoding" || k == "Connection" || k == "Content-Length" {
+			continue
+		}
+		for _, v := range vv {
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(v)
+			bw.WriteString("\r\n")
+		}
+	}
+	bw.WriteString("\r\n")
+	bw.Flush()
+}
+
 func (w *fastWriter) commit() error {
 	w.committed = true
 	bw := w.bw

@@ -23,6 +23,7 @@ import (
 
 	"github.com/meshd/meshd/balance"
 	"github.com/meshd/meshd/resilience"
+	"github.com/meshd/meshd/sidecar/h1"
 	"github.com/meshd/meshd/telemetry"
 )
 
@@ -83,6 +84,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		}
 		ex.boundDiscard()
 	}()
+	ctx = &interimCtx{Context: ctx, w: w, r: r}
 	g := u.guard
 	rc := g.Config()
 	budget, err := rc.Timeouts.Budget(r)
@@ -403,6 +405,48 @@ type exchange struct {
 	// meshd's account (499 for a caller that left), spans and metrics
 	// report only a status sent, as the HTTP conventions ask.
 	wire int
+}
+
+// interimCtx is a request's context that carries what passes an
+// instance's informational (1xx) answers on to the caller: h1's client
+// finds it under h1.InterimKey{}. One allocation for both.
+type interimCtx struct {
+	context.Context
+	w    http.ResponseWriter
+	r    *http.Request
+	sent int
+}
+
+func (c *interimCtx) Value(key any) any {
+	if _, ok := key.(h1.InterimKey); ok {
+		return c
+	}
+	return c.Context.Value(key)
+}
+
+// maxInterims is how many informational answers one request passes on.
+const maxInterims = 5
+
+// Interim passes an instance's informational answer on to the caller, as
+// a proxy must (RFC 9110, 15.2): not a 100 Continue (meshd's own server
+// sends that when it reads the body), not to an HTTP/1.0 caller, and no
+// more than maxInterims. The transport calls it during RoundTrip, before
+// any final answer has gone out.
+func (c *interimCtx) Interim(code int, h http.Header) error {
+	if code == http.StatusContinue || c.sent >= maxInterims || !c.r.ProtoAtLeast(1, 1) {
+		return nil
+	}
+	c.sent++
+	out := c.w.Header()
+	saved := out.Clone()
+	clear(out)
+	copyEndToEnd(out, h)
+	c.w.WriteHeader(code)
+	clear(out)
+	for k, vv := range saved {
+		out[k] = vv
+	}
+	return nil
 }
 
 // settleOpen settles an open try of the event loop's that the request

@@ -20,6 +20,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/http/httputil"
 	"net/textproto"
 	"strconv"
@@ -665,14 +666,41 @@ func validHeaderValue(v string) bool {
 	return true
 }
 
+// Interim is told of the informational (1xx) answers to a request whose
+// context carries it under InterimKey{}, in order, before the final
+// answer; h's values are valid only during the call. An error ends the
+// exchange with it. Called on the goroutine that called RoundTrip or
+// Resume.
+type Interim interface {
+	Interim(code int, h http.Header) error
+}
+
+// InterimKey is the context key a request's Interim is found under. (A
+// context type of the caller's own can answer it without the allocation
+// of context.WithValue.)
+type InterimKey struct{}
+
 func (c *conn) readResponse(req *http.Request) (*http.Response, error) {
 	for {
 		resp, err := c.readHead(req)
 		if err != nil {
 			return nil, err
 		}
-		// Interim answers (100 Continue, 103 Early Hints) are skipped.
+		// Interim answers (100 Continue, 103 Early Hints) are reported
+		// to the request's Interim, or else to its
+		// httptrace.ClientTrace as net/http's Transport reports them,
+		// and the final answer is read on.
 		if resp.StatusCode >= 100 && resp.StatusCode < 200 && resp.StatusCode != http.StatusSwitchingProtocols {
+			var err error
+			if i, ok := req.Context().Value(InterimKey{}).(Interim); ok {
+				err = i.Interim(resp.StatusCode, resp.Header)
+			} else if trace := httptrace.ContextClientTrace(req.Context()); trace != nil && trace.Got1xxResponse != nil {
+				err = trace.Got1xxResponse(resp.StatusCode, textproto.MIMEHeader(resp.Header))
+			}
+			if err != nil {
+				c.broken.Store(true)
+				return nil, err
+			}
 			continue
 		}
 		return resp, c.attachBody(req, resp)

@@ -4,10 +4,13 @@ package h1
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -114,5 +117,28 @@ func waitReadable(t *testing.T, tr *Transport, addr string) {
 		return err != syscall.EAGAIN
 	}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Informational answers are reported, in order, to the request's
+// httptrace.ClientTrace before the final answer is returned.
+func TestInterimAnswersReachTheTrace(t *testing.T) {
+	url := rawAnswer(t, func(w io.Writer) {
+		io.WriteString(w, "HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	var got []string
+	trace := &httptrace.ClientTrace{Got1xxResponse: func(code int, h textproto.MIMEHeader) error {
+		got = append(got, fmt.Sprint(code, " ", h.Get("Link")))
+		return nil
+	}}
+	req, _ := http.NewRequestWithContext(httptrace.WithClientTrace(context.Background(), trace), "GET", url, nil)
+	resp, err := New(Options{}).RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(b) != "ok" || fmt.Sprint(got) != "[103 </a> 102 ]" {
+		t.Fatalf("final %d %q, interim answers %q", resp.StatusCode, b, got)
 	}
 }

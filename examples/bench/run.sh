@@ -5,15 +5,17 @@
 # Prints one table with the proxy's RSS and CPU and the ratios, and writes it
 # to examples/bench/results.md.
 #
-# Environment: BENCH_DURATION (seconds per run, default 5), BENCH_ROUNDS
-# (default 5), BENCH_TARGETS (default "direct meshd haproxy nginx"),
+# Environment: BENCH_DURATION (seconds per run, default 3), BENCH_ROUNDS
+# (default 10: single runs on a shared VM swing by about 8%, and more,
+# shorter rounds in turns steady the medians more than fewer long ones),
+# BENCH_TARGETS (default "direct meshd haproxy nginx"),
 # BENCH_SCENARIOS (default "64:small 1:small 64:large 1:large"),
 # MESHD_EXTRA_CONFIG (YAML appended to meshd's config, e.g. telemetry).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin}
-DUR=${BENCH_DURATION:-5}
-ROUNDS=${BENCH_ROUNDS:-5}
+DUR=${BENCH_DURATION:-3}
+ROUNDS=${BENCH_ROUNDS:-10}
 TARGETS=${BENCH_TARGETS:-direct meshd haproxy nginx}
 SCENARIOS=${BENCH_SCENARIOS:-64:small 1:small 64:large 1:large}
 OUT=${BENCH_OUT:-examples/bench/results.md}

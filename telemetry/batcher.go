@@ -44,6 +44,12 @@ type batcher struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// report is told of failed exports and, at most once a schedule
+	// delay and at the end, of spans dropped since it was last told
+	// (otel.Handle, which meshd logs). reported is the run goroutine's.
+	report   func(error)
+	reported int64
+
 	kick    chan struct{}      // a batch is full (buffered: at most one wake-up pending)
 	flushes chan chan struct{} // ForceFlush's requests
 	stop    chan struct{}
@@ -107,6 +113,7 @@ func newBatcher(exp sdktrace.SpanExporter, conf batchConfig) *batcher {
 		cancel:  cancel,
 		exp:     exp,
 		conf:    conf,
+		report:  otel.Handle,
 		kick:    make(chan struct{}, 1),
 		flushes: make(chan chan struct{}),
 		stop:    make(chan struct{}),
@@ -208,6 +215,7 @@ func (b *batcher) Shutdown(ctx context.Context) error {
 		finished := make(chan error, 1)
 		go func() {
 			<-b.done
+			b.reportDrops() // those ended while it stopped, too
 			finished <- b.exp.Shutdown(ctx)
 		}()
 		select {
@@ -229,6 +237,7 @@ func (b *batcher) run() {
 		select {
 		case <-t.C:
 			b.export()
+			b.reportDrops()
 		case <-b.kick:
 			b.export()
 			if b.depth() >= b.conf.maxBatch {
@@ -246,6 +255,15 @@ func (b *batcher) run() {
 			b.export()
 			return
 		}
+	}
+}
+
+// reportDrops tells report how many spans were dropped since it last did,
+// if any. Called by the run goroutine, or once it has ended.
+func (b *batcher) reportDrops() {
+	if d := b.dropped.Load(); d > b.reported {
+		b.report(fmt.Errorf("trace export: dropped %d spans (queue of %d full, or a shutdown)", d-b.reported, b.conf.maxQueue))
+		b.reported = d
 	}
 }
 
@@ -270,7 +288,7 @@ func (b *batcher) export() {
 		n := min(len(spans), b.conf.maxBatch)
 		ctx, cancel := context.WithTimeout(b.ctx, b.conf.timeout)
 		if err := b.exp.ExportSpans(ctx, spans[:n]); err != nil {
-			otel.Handle(fmt.Errorf("export %d spans: %w", n, err))
+			b.report(fmt.Errorf("export %d spans: %w", n, err))
 		}
 		cancel()
 		spans = spans[n:]

@@ -136,6 +136,8 @@ func TestBatcherDropsWhenFull(t *testing.T) {
 	rec := newBatchRecorder()
 	rec.gate, rec.entered = make(chan struct{}), make(chan struct{}, 2)
 	b := newBatcher(rec, batchConfig{delay: time.Hour, timeout: time.Second, maxQueue: 4, maxBatch: 4})
+	var reported []string
+	b.report = func(err error) { reported = append(reported, err.Error()) }
 	tr := spansThrough(t, b, sdktrace.AlwaysSample())
 	endSpans(tr, 0, 4) // a full batch: taken off the queue by the exporter, which waits at the gate
 	select {
@@ -147,6 +149,15 @@ func TestBatcherDropsWhenFull(t *testing.T) {
 	if d := b.Dropped(); d != 2 {
 		t.Errorf("dropped %d, want 2", d)
 	}
+	defer func() {
+		// The drops are reported once, when the batcher stops.
+		if err := b.Shutdown(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if have := fmt.Sprint(reported); have != "[trace export: dropped 2 spans (queue of 4 full, or a shutdown)]" {
+			t.Errorf("reported %s", have)
+		}
+	}()
 	close(rec.gate)
 	if n := rec.await(t) + rec.await(t); n != 8 {
 		t.Fatalf("exported %d, want 8", n)

@@ -396,3 +396,82 @@ func TestInterimAnswersArePassedOn(t *testing.T) {
 		}
 	}
 }
+
+// Bytes past the end of an answer the loop handed to the goroutine path
+// (a 404, say) are never read as a later request's answer, whether they
+// came with the answer or later, while the connection sat in the pool.
+func TestHandedOverAnswerLeavesNoBytesBehind(t *testing.T) {
+	const poison = "HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\npoison!"
+	// With the answer: its body ends where a read straight into the
+	// caller's buffer ends, so what follows is still in the prefix the
+	// loop handed over.
+	head := "HTTP/1.1 404 Not Found\r\nContent-Length: %05d\r\n\r\n"
+	n := 8192 - len(fmt.Sprintf(head, 0)) + 10000
+	ri := newRawInstance(t, fmt.Sprintf(head, n)+strings.Repeat("x", n)+poison, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhonest")
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {disabled: true}}}\n", ri.ln.Addr()))
+	c := dialRaw(t, s)
+	c.send("GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c.answer("GET"); resp.StatusCode != 404 || len(body) != n {
+		t.Fatalf("first: %d, %d bytes", resp.StatusCode, len(body))
+	}
+	c2 := dialRaw(t, s) // a POST: the goroutine path's pool
+	c2.send("POST /b HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi")
+	if resp, body := c2.answer("POST"); resp.StatusCode != 200 || body != "honest" {
+		t.Errorf("with the answer: the next request got %d %q", resp.StatusCode, body)
+	}
+
+	// Later: sent unasked on the idle connection.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	sent, written := make(chan struct{}), make(chan struct{})
+	go func() {
+		var first sync.Once
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(nc net.Conn) {
+				defer nc.Close()
+				br := bufio.NewReader(nc)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					answered := false
+					first.Do(func() {
+						io.WriteString(nc, "HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno")
+						answered = true
+					})
+					if !answered {
+						io.WriteString(nc, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhonest")
+						continue
+					}
+					// Once meshd has the answer (its client has read it),
+					// bytes nobody asked for.
+					<-sent
+					io.WriteString(nc, poison)
+					close(written) // on loopback, in meshd's socket once written
+				}
+			}(nc)
+		}
+	}()
+	s2 := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {retry: {disabled: true}}}\n", ln.Addr()))
+	c3 := dialRaw(t, s2)
+	c3.send("GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c3.answer("GET"); resp.StatusCode != 404 || body != "no" {
+		t.Fatalf("first: %d %q", resp.StatusCode, body)
+	}
+	sent <- struct{}{}
+	<-written
+	c4 := dialRaw(t, s2)
+	c4.send("POST /b HTTP/1.1\r\nHost: svc\r\nContent-Length: 2\r\n\r\nhi")
+	if resp, body := c4.answer("POST"); resp.StatusCode != 200 || body != "honest" {
+		t.Errorf("sent later: the next request got %d %q", resp.StatusCode, body)
+	}
+}

@@ -3,4 +3,4 @@
 package h1
 
 // alive cannot look at the socket here; the resend rule still holds.
-func (c *conn) alive() bool { return c.br.Buffered() == 0 }
+func (c *conn) alive() bool { return !c.leftover() }

@@ -142,3 +142,28 @@ func TestInterimAnswersReachTheTrace(t *testing.T) {
 		t.Fatalf("final %d %q, interim answers %q", resp.StatusCode, b, got)
 	}
 }
+
+// A pooled connection is reused after its last exchange's deadlines have
+// passed: the look for bytes sent unasked ignores them.
+func TestPoolOutlivesItsLastDeadline(t *testing.T) {
+	srv, conns := countingServer(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") })
+	tr := New(Options{ResponseHeaderTimeout: 50 * time.Millisecond})
+	t.Cleanup(tr.CloseIdleConnections)
+	for i := 0; i < 3; i++ {
+		if i > 0 {
+			time.Sleep(100 * time.Millisecond) // idle past the header deadline: the scenario, not a wait
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 80*time.Millisecond)
+		req, _ := http.NewRequestWithContext(ctx, "GET", srv.URL, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.ReadAll(resp.Body)
+		resp.Body.Close()
+		cancel()
+	}
+	if n := conns.Load(); n != 1 {
+		t.Errorf("3 requests, each after the last one's deadlines, opened %d connections, want 1", n)
+	}
+}

@@ -27,6 +27,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/net/http/httpguts"
@@ -109,6 +110,20 @@ type conn struct {
 	// again. Only the exchange's goroutine uses them; a cancellation sets
 	// nc's deadlines itself, and a cancelled conn is never reused.
 	rdl, wdl time.Time
+	// raw, peek and peekOK serve alive's look at an idle connection.
+	raw    syscall.RawConn
+	peek   func(fd uintptr)
+	peekOK bool
+}
+
+// leftover reports whether bytes past the last answer wait to be read: in
+// the read buffer, or in what a resumed connection was given (prefixConn).
+func (c *conn) leftover() bool {
+	if c.br.Buffered() > 0 {
+		return true
+	}
+	p, ok := c.nc.(*prefixConn)
+	return ok && len(p.prefix) > 0
 }
 
 func (c *conn) setReadDeadline(t time.Time) {
@@ -1030,7 +1045,7 @@ func (c *conn) attachBody(req *http.Request, resp *http.Response) error {
 // those bytes would otherwise be read as the next request's answer.
 func (c *conn) finish(reuse bool) {
 	c.release()
-	if !reuse || c.canceled.Load() || c.broken.Load() || c.br.Buffered() > 0 {
+	if !reuse || c.canceled.Load() || c.broken.Load() || c.leftover() {
 		c.close()
 		return
 	}

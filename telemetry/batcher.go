@@ -208,7 +208,7 @@ func (b *batcher) Shutdown(ctx context.Context) error {
 	var err error
 	b.once.Do(func() {
 		b.stopped.Store(true)
-		for b.pushing.Load() != 0 {
+		for b.pushing.Load() != 0 && ctx.Err() == nil {
 			runtime.Gosched() // an OnEnd between its look at stopped and its push
 		}
 		close(b.stop)

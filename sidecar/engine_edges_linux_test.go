@@ -374,9 +374,20 @@ func TestInterimAnswersArePassedOn(t *testing.T) {
 			head = append(head, strings.TrimSpace(line))
 		}
 	}
-	for _, proto := range []string{"HTTP/1.1", "HTTP/1.0"} {
+	// A GET; an upload larger than meshd's own client takes, which goes
+	// through net/http's Transport; and a GET from an HTTP/1.0 caller.
+	upload := strings.Repeat("u", 300<<10)
+	for _, req := range []string{
+		"GET /page HTTP/1.1\r\nHost: svc\r\n\r\n",
+		"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: " + fmt.Sprint(len(upload)) + "\r\n\r\n" + upload,
+		"GET /page HTTP/1.0\r\nHost: svc\r\n\r\n",
+	} {
+		proto := "HTTP/1.1"
+		if strings.Contains(req[:20], "HTTP/1.0") {
+			proto = "HTTP/1.0"
+		}
 		c := dialRaw(t, s)
-		c.send("GET /page " + proto + "\r\nHost: svc\r\n\r\n")
+		c.send(req)
 		first := readHead(c)
 		if proto == "HTTP/1.1" {
 			if first[0] != "HTTP/1.1 103 Early Hints" || !slices.Contains(first, "Link: </a.css>; rel=preload") {

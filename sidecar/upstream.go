@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -72,6 +74,13 @@ type upstreamTransport struct {
 func (t *upstreamTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if t.fast != nil && h1.Supports(r) && !duplexBody(r) {
 		return t.fast.RoundTrip(r)
+	}
+	if i, ok := r.Context().Value(h1.InterimKey{}).(h1.Interim); ok {
+		// net/http's Transport reports informational answers through
+		// httptrace, from its reading goroutine while RoundTrip waits.
+		r = r.WithContext(httptrace.WithClientTrace(r.Context(), &httptrace.ClientTrace{
+			Got1xxResponse: func(code int, h textproto.MIMEHeader) error { return i.Interim(code, http.Header(h)) },
+		}))
 	}
 	return t.std.RoundTrip(r)
 }

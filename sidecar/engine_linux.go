@@ -326,6 +326,7 @@ type econn struct {
 	inOff    bool   // EPOLLIN disarmed
 	x        *etry  // the request in progress
 	lastUsed int64
+	stuck    int64 // since when out has waited with the socket taking none of it
 	streak   int
 	eof      bool // the client shut its side
 	dead     bool // writing failed
@@ -846,6 +847,9 @@ func (c *econn) Write(p []byte) (int, error) {
 			return n, nil
 		}
 	}
+	if len(c.out) == 0 {
+		c.stuck = c.l.now
+	}
 	c.out = append(c.out, p...)
 	if !c.outOn {
 		c.outOn = true
@@ -860,6 +864,7 @@ func (l *loop) flushClient(c *econn) {
 		k, err := rawWrite(c.fd, c.out)
 		if k > 0 {
 			c.out = c.out[:copy(c.out, c.out[k:])]
+			c.stuck = l.now
 			continue
 		}
 		if err == unix.EINTR {
@@ -1334,12 +1339,19 @@ func (l *loop) sweep(now int64) {
 	l.nextDue = next
 }
 
-// sweepIdle closes client connections idle past the idle timeout and
-// pooled instance connections idle past theirs.
+// sweepIdle closes client connections idle past the idle timeout, those
+// whose client has taken nothing of their answer for the write timeout,
+// and pooled instance connections idle past theirs.
 func (l *loop) sweepIdle(now int64) {
-	idle := int64(l.e.s.cfg.Load().Proxy.IdleTimeout)
+	p := &l.e.s.cfg.Load().Proxy
+	idle, wt := int64(p.IdleTimeout), int64(p.WriteTimeout)
 	for c := range l.clients {
-		if c.x == nil && len(c.out) == 0 && idle > 0 && now-c.lastUsed > idle {
+		switch {
+		case len(c.out) > 0:
+			if wt > 0 && now-c.stuck > wt {
+				l.stalled(c, time.Duration(now-c.stuck))
+			}
+		case c.x == nil && idle > 0 && now-c.lastUsed > idle:
 			l.closeClient(c)
 		}
 	}
@@ -1812,6 +1824,20 @@ func (l *loop) clientFailed(x *etry) {
 	c := x.c
 	l.endRequest(x)
 	l.closeClient(c)
+}
+
+// stalled cuts off a client that has stopped reading its answer: what
+// waits for it is dropped, and a request still answering ends as one whose
+// caller left, its instance connection closed.
+func (l *loop) stalled(c *econn, waited time.Duration) {
+	l.e.s.log.Warn("client stopped reading its answer: connection closed", "client", c.remote, "listener", c.f.l.key, "waited", waited.Round(time.Millisecond), "unsent_bytes", len(c.out))
+	c.dead = true
+	c.out = c.out[:0]
+	if x := c.x; x != nil {
+		l.clientFailed(x)
+	} else {
+		l.closeClient(c)
+	}
 }
 
 // upFailed ends a request whose answer broke off after its head went out:

@@ -80,6 +80,9 @@ type fastConn struct {
 	first *started
 	req   *http.Request
 	back  func(net.Conn) bool
+	// tw is nc as the response writer sees it: writes bounded by the
+	// write timeout.
+	tw timedWriter
 }
 
 // setReadDeadline sets nc's read deadline unless it is already t.
@@ -181,7 +184,8 @@ func (f *fastServer) serveConn(c *fastConn) {
 	br := fastReaders.Get().(*bufio.Reader)
 	br.Reset(c.nc)
 	bw := fastWriters.Get().(*bufio.Writer)
-	bw.Reset(c.nc)
+	c.tw.c, c.tw.wt.s = c.nc, f.s
+	bw.Reset(&c.tw)
 	handedOff := false
 	defer func() {
 		if !handedOff {
@@ -434,7 +438,7 @@ func (f *fastServer) handOff(c *fastConn, raw []byte, br *bufio.Reader) bool {
 	prefix := make([]byte, 0, len(raw)+len(buffered))
 	prefix = append(append(prefix, raw...), buffered...)
 	c.nc.SetReadDeadline(time.Time{})
-	return f.handoff.give(&replayConn{Conn: c.nc, prefix: prefix})
+	return f.handoff.give(newTimedConn(f.s, &replayConn{Conn: c.nc, prefix: prefix}))
 }
 
 // shutdown stops accepting, closes idle connections as they become idle and

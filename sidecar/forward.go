@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -1093,7 +1094,11 @@ func (s *Sidecar) respond(w http.ResponseWriter, r *http.Request, resp *http.Res
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
 			if _, werr := w.Write(buf[:n]); werr != nil {
-				// The client is gone; nothing more can be sent.
+				// The client is gone, or stopped reading; nothing more
+				// can be sent.
+				if errors.Is(werr, os.ErrDeadlineExceeded) {
+					s.log.Warn("client stopped reading its answer: connection closed", "client", r.RemoteAddr, "waited", s.cfg.Load().Proxy.WriteTimeout, "sent_bytes", written)
+				}
 				return resp.StatusCode, written, context.Canceled
 			}
 			written += int64(n)

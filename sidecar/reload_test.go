@@ -88,6 +88,7 @@ func TestReloadRefusesServerSettings(t *testing.T) {
 	s := start(t, conf("idle_timeout: 90s"))
 	cases := []struct{ proxy, want string }{
 		{"idle_timeout: 90s", ""},
+		{"idle_timeout: 90s, write_timeout: 5s", ""}, // applies at once: each write reads it
 		{"idle_timeout: 30s", "proxy.idle_timeout changed"},
 		{"idle_timeout: 90s, read_header_timeout: 1s", "proxy.read_header_timeout changed"},
 		{"idle_timeout: 90s, max_header_bytes: 4096", "proxy.max_header_bytes changed"},

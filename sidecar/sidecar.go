@@ -298,7 +298,7 @@ func (s *Sidecar) syncListeners(cfg *config.Config) error {
 			if l.fast != nil {
 				err = l.fast.serve()
 			} else {
-				err = l.srv.Serve(l.ln)
+				err = l.srv.Serve(timedListener{l.ln, s})
 			}
 			if err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				s.log.Error("listener stopped", "listener", l.key, "addr", l.ln.Addr().String(), "err", err)

@@ -33,6 +33,7 @@ const (
 	DefaultDrain           = 20 * time.Second
 	DefaultReadHeader      = 10 * time.Second
 	DefaultIdleTimeout     = 90 * time.Second
+	DefaultWriteTimeout    = 60 * time.Second
 	DefaultMaxHeaderBytes  = 64 << 10
 	DefaultMaxIdlePerHost  = 256
 	DefaultIdleConnTimeout = 90 * time.Second
@@ -256,7 +257,15 @@ type Proxy struct {
 	TrustForwardedFor bool          `yaml:"trust_forwarded_for"`
 	ReadHeaderTimeout time.Duration `yaml:"read_header_timeout"`
 	IdleTimeout       time.Duration `yaml:"idle_timeout"`
-	MaxHeaderBytes    int           `yaml:"max_header_bytes"`
+	// WriteTimeout is how long one write to a client may wait to finish;
+	// a client that stops reading its answer is then cut off, and the
+	// instance's connection closed with it. It bounds each write (the
+	// event loops: each wait with none of the answer taken), not a whole
+	// answer, so a slow reader that keeps reading is served to the end.
+	// Applies to tunnels after their upgrade too. Default 60s; a reload
+	// applies it at once.
+	WriteTimeout   time.Duration `yaml:"write_timeout"`
+	MaxHeaderBytes int           `yaml:"max_header_bytes"`
 	// Drain is how long shutdown waits for in-flight requests; default 20s.
 	Drain time.Duration `yaml:"drain"`
 	// AllowConnect enables CONNECT tunnels to upstreams; default true.
@@ -493,6 +502,9 @@ func (c *Config) applyDefaults() {
 	}
 	if c.Proxy.IdleTimeout == 0 {
 		c.Proxy.IdleTimeout = DefaultIdleTimeout
+	}
+	if c.Proxy.WriteTimeout == 0 {
+		c.Proxy.WriteTimeout = DefaultWriteTimeout
 	}
 	if c.Proxy.MaxHeaderBytes == 0 {
 		c.Proxy.MaxHeaderBytes = DefaultMaxHeaderBytes
@@ -796,6 +808,19 @@ func (c *Config) validate(d *decoder) {
 	}
 	if c.Proxy.MaxHeaderBytes < 0 {
 		at("proxy.max_header_bytes", "must not be negative")
+	}
+	for _, d := range []struct {
+		key string
+		v   time.Duration
+	}{
+		{"proxy.read_header_timeout", c.Proxy.ReadHeaderTimeout},
+		{"proxy.idle_timeout", c.Proxy.IdleTimeout},
+		{"proxy.write_timeout", c.Proxy.WriteTimeout},
+		{"proxy.drain", c.Proxy.Drain},
+	} {
+		if d.v < 0 {
+			at(d.key, "must not be negative, have %s", d.v)
+		}
 	}
 }
 

@@ -42,7 +42,7 @@ upstreams:
 	if u.Discovery != "static" || u.Balance.Algorithm != "round_robin" {
 		t.Fatalf("upstream: have %+v", u)
 	}
-	if c.Proxy.Drain != DefaultDrain || c.Proxy.ReadHeaderTimeout != DefaultReadHeader || u.MaxIdlePerInstance != DefaultMaxIdlePerHost {
+	if c.Proxy.Drain != DefaultDrain || c.Proxy.ReadHeaderTimeout != DefaultReadHeader || c.Proxy.WriteTimeout != DefaultWriteTimeout || u.MaxIdlePerInstance != DefaultMaxIdlePerHost {
 		t.Fatalf("defaults not applied: proxy %+v upstream %+v", c.Proxy, u)
 	}
 }
@@ -112,6 +112,8 @@ func TestEveryValidationError(t *testing.T) {
 		{"bool type", base + "proxy: {x_forwarded: maybe}\n", "proxy.x_forwarded", "true or false", 4},
 		{"int type", base + "proxy: {max_header_bytes: lots}\n", "proxy.max_header_bytes", "whole number", 4},
 		{"negative header bytes", base + "proxy: {max_header_bytes: -1}\n", "proxy.max_header_bytes", "negative", 4},
+		{"negative write timeout", base + "proxy: {write_timeout: -1s}\n", "proxy.write_timeout", "must not be negative", 4},
+		{"negative idle timeout", base + "proxy: {idle_timeout: -5s}\n", "proxy.idle_timeout", "must not be negative", 4},
 		{"failure status range", base + "upstreams:\n  payments:\n    failure: {statuses: [503, 700]}\n", "upstreams.payments.failure.statuses[1]", "100-599", 6},
 		{"breaker ratio", base + "upstreams:\n  payments:\n    breaker: {failure_ratio: 1.5}\n", "upstreams.payments.breaker.failure_ratio", "must be in (0,1]", 6},
 		{"retry attempts", base + "upstreams:\n  payments:\n    retry: {attempts: -1}\n", "upstreams.payments.retry.attempts", "at least 1", 6},

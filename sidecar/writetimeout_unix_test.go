@@ -1,0 +1,130 @@
+//go:build unix
+
+package sidecar
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// dialSmallWindow connects to addr with a small receive buffer, so that
+// what the client does not read soon holds the sender back.
+func dialSmallWindow(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 32<<10)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	conn, err := d.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// A client that stops reading its answer is cut off after
+// proxy.write_timeout on every serving path (make test runs the suite on each), and the instance's connection
+// with it, rather than holding both for ever.
+func TestClientThatStopsReadingIsCutOff(t *testing.T) {
+	const size = 64 << 20 // far more than every socket buffer on the way holds
+	abandoned := make(chan int64, 1)
+	b := newBackend(t, "big", func(w http.ResponseWriter, r *http.Request) {
+		chunk := make([]byte, 64<<10)
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		var sent int64
+		for sent < size {
+			n, err := w.Write(chunk)
+			sent += int64(n)
+			if err != nil {
+				break
+			}
+		}
+		abandoned <- sent
+	})
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 200ms}\ndiscovery: {static: {big: [%s]}}\nupstreams: {big: {}}\n", b.addr()))
+	conn := dialSmallWindow(t, s.Addr("outbound"))
+	io.WriteString(conn, "GET /big HTTP/1.1\r\nHost: big\r\n\r\n")
+	br := bufio.NewReader(conn)
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("no answer head: %v", err)
+	}
+	// Read no more: the instance must be let go.
+	var sent int64
+	select {
+	case sent = <-abandoned:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the instance is still held 20 s after the client stopped reading")
+	}
+	if sent >= size {
+		t.Fatalf("the instance sent its whole answer (%d bytes) to a client that read none of it", sent)
+	}
+	// What reached the client is cut short: the connection ends
+	// before the body does.
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, err := io.Copy(io.Discard, resp.Body)
+	if err == nil || got >= size {
+		t.Fatalf("the client read %d of %d bytes and then %v; want the answer cut off", got, size, err)
+	}
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatalf("the client's connection was left open after %d bytes: %v", got, err)
+	}
+}
+
+// The write timeout bounds each write, not the answer: a client that reads
+// slowly but steadily gets all of an answer that takes many timeouts to
+// send.
+func TestSlowSteadyReaderIsServed(t *testing.T) {
+	const size = 8 << 20
+	b := newBackend(t, "big", func(w http.ResponseWriter, r *http.Request) {
+		chunk := make([]byte, 64<<10)
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		for sent := 0; sent < size; sent += len(chunk) {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	})
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 300ms}\ndiscovery: {static: {big: [%s]}}\nupstreams: {big: {}}\n", b.addr()))
+	conn := dialSmallWindow(t, s.Addr("outbound"))
+	io.WriteString(conn, "GET /big HTTP/1.1\r\nHost: big\r\n\r\n")
+	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no answer head: %v", err)
+	}
+	began := time.Now()
+	buf := make([]byte, 128<<10)
+	var got int64
+	for {
+		n, err := io.ReadFull(resp.Body, buf)
+		got += int64(n)
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d of %d bytes in %v: %v", got, size, time.Since(began), err)
+		}
+		time.Sleep(25 * time.Millisecond) // the reader's pace, not a wait for an event
+	}
+	if got != size {
+		t.Fatalf("read %d of %d bytes", got, size)
+	}
+	if el := time.Since(began); el < 600*time.Millisecond {
+		t.Fatalf("the answer took %v, less than two write timeouts: the test did not pace the sender", el)
+	}
+}

@@ -1153,33 +1153,42 @@ func (s *Sidecar) switchProtocols(w http.ResponseWriter, r *http.Request, resp *
 	if err := brw.Flush(); err != nil {
 		return http.StatusSwitchingProtocols, nil
 	}
-	pipe(conn, brw.Reader, backend)
+	s.pipe(conn, brw.Reader, backend)
 	return http.StatusSwitchingProtocols, nil
 }
 
 // pipe copies client→backend (starting with what is already buffered from
-// the client) and backend→client until either direction ends, then closes both.
-func pipe(client net.Conn, fromClient *bufio.Reader, backend io.ReadWriteCloser) {
-	done := make(chan struct{}, 2)
+// the client) and backend→client until either direction ends, then closes
+// both. A direction that ends cleanly is passed on as a half-close and the
+// other gets a moment to finish its last bytes; one that fails (a reset,
+// or a client that stopped reading past the write timeout) tears both
+// down at once.
+func (s *Sidecar) pipe(client net.Conn, fromClient *bufio.Reader, backend io.ReadWriteCloser) {
+	done := make(chan error, 2)
 	go func() {
-		io.Copy(backend, fromClient)
-		closeWrite(backend)
-		done <- struct{}{}
+		_, err := io.Copy(backend, fromClient)
+		if err == nil {
+			closeWrite(backend)
+		}
+		done <- err
 	}()
 	go func() {
-		io.Copy(client, backend)
-		closeWrite(client)
-		done <- struct{}{}
+		_, err := io.Copy(client, backend)
+		if err == nil {
+			closeWrite(client)
+		} else if errors.Is(err, os.ErrDeadlineExceeded) {
+			s.log.Warn("client stopped reading its tunnel: connection closed", "client", client.RemoteAddr().String(), "waited", s.cfg.Load().Proxy.WriteTimeout)
+		}
+		done <- err
 	}()
-	<-done
-	// Give the other direction a moment to finish its last bytes after a
-	// half-close, then tear both down.
-	t := time.NewTimer(5 * time.Second)
-	select {
-	case <-done:
-	case <-t.C:
+	if err := <-done; err == nil {
+		t := time.NewTimer(5 * time.Second)
+		select {
+		case <-done:
+		case <-t.C:
+		}
+		t.Stop()
 	}
-	t.Stop()
 	client.Close()
 	backend.Close()
 }
@@ -1278,7 +1287,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 		untrack := s.trackTunnel(conn)
 		defer untrack()
 		conn.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n"))
-		pipe(conn, brw.Reader, backend)
+		s.pipe(conn, brw.Reader, backend)
 		return
 	}
 	// HTTP/2 CONNECT: the stream is the tunnel.

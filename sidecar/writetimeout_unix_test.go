@@ -128,3 +128,45 @@ func TestSlowSteadyReaderIsServed(t *testing.T) {
 		t.Fatalf("the answer took %v, less than two write timeouts: the test did not pace the sender", el)
 	}
 }
+
+// A tunnel's client that stops reading is cut off too, and the instance's
+// side of the tunnel closed at once, not after the half-close grace.
+func TestTunnelClientThatStopsReadingIsCutOff(t *testing.T) {
+	abandoned := make(chan struct{})
+	b := newBackend(t, "stream", func(w http.ResponseWriter, r *http.Request) {
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: feed\r\n\r\n")
+		brw.Flush()
+		chunk := make([]byte, 64<<10)
+		for i := 0; i < 1024; i++ { // 64 MiB at most
+			if _, err := conn.Write(chunk); err != nil {
+				close(abandoned)
+				return
+			}
+		}
+	})
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 200ms}\ndiscovery: {static: {stream: [%s]}}\nupstreams: {stream: {}}\n", b.addr()))
+	conn := dialSmallWindow(t, s.Addr("outbound"))
+	io.WriteString(conn, "GET /feed HTTP/1.1\r\nHost: stream\r\nConnection: Upgrade\r\nUpgrade: feed\r\n\r\n")
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", resp, err)
+	}
+	sent := time.Now()
+	select {
+	case <-abandoned:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the instance's side of the tunnel is still open 20 s after the client stopped reading")
+	}
+	// The tunnel is torn down once the write times out, not
+	// after the 5 s a half-closed tunnel is given to finish.
+	if el := time.Since(sent); el > 4*time.Second {
+		t.Errorf("the instance's side closed %v after the client stopped reading; want about the write timeout", el)
+	}
+}

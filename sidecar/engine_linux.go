@@ -505,6 +505,9 @@ func (l *loop) run() {
 			}
 		}
 		now := time.Now().UnixNano()
+		// (Also for what the sweeps below do: after a wait that timed
+		// out, l.now would be as old as the last event.)
+		l.now = now
 		if now >= l.nextDue {
 			l.sweep(now)
 		}
@@ -1833,6 +1836,9 @@ func (l *loop) stalled(c *econn, waited time.Duration) {
 	l.e.s.log.Warn("client stopped reading its answer: connection closed", "client", c.remote, "listener", c.f.l.key, "waited", waited.Round(time.Millisecond), "unsent_bytes", len(c.out))
 	c.dead = true
 	c.out = c.out[:0]
+	// Reset, not closed: the kernel would go on offering the unsent bytes
+	// to a client that does not read, for minutes.
+	unix.SetsockoptLinger(c.fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
 	if x := c.x; x != nil {
 		l.clientFailed(x)
 	} else {

@@ -189,6 +189,9 @@ func (f *fastServer) serveConn(c *fastConn) {
 	handedOff := false
 	defer func() {
 		if !handedOff {
+			if c.tw.wt.timedOut.Load() {
+				resetOnClose(c.nc)
+			}
 			c.nc.Close()
 		}
 		br.Reset(nil)

@@ -1089,14 +1089,23 @@ func (s *Sidecar) respond(w http.ResponseWriter, r *http.Request, resp *http.Res
 			flusher.Flush()
 		}
 	}
+	var st *streamTimer
+	if r.ProtoMajor == 2 {
+		// A stream's writes wait for its window, which the connection's
+		// deadline does not see.
+		st = newStreamTimer(s, w)
+	}
 	var written int64
 	for {
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
+			if st != nil {
+				st.arm()
+			}
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				// The client is gone, or stopped reading; nothing more
 				// can be sent.
-				if errors.Is(werr, os.ErrDeadlineExceeded) {
+				if errors.Is(werr, os.ErrDeadlineExceeded) || st != nil && st.expired() {
 					s.log.Warn("client stopped reading its answer: connection closed", "client", r.RemoteAddr, "waited", s.cfg.Load().Proxy.WriteTimeout, "sent_bytes", written)
 				}
 				return resp.StatusCode, written, context.Canceled
@@ -1295,14 +1304,24 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 	ctl := http.NewResponseController(w)
 	ctl.Flush()
 	go func() {
-		io.Copy(backend, r.Body)
+		if _, err := io.Copy(backend, r.Body); err != nil {
+			// The stream was reset or broke: the tunnel is over, and
+			// the read below must not wait for the instance.
+			backend.Close()
+			return
+		}
 		closeWrite(backend)
 	}()
+	st := newStreamTimer(s, w)
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := backend.Read(buf)
 		if n > 0 {
+			st.arm()
 			if _, werr := w.Write(buf[:n]); werr != nil {
+				if st.expired() {
+					s.log.Warn("client stopped reading its tunnel: stream reset", "client", r.RemoteAddr, "waited", s.cfg.Load().Proxy.WriteTimeout)
+				}
 				return
 			}
 			ctl.Flush()

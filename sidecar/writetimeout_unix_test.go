@@ -4,6 +4,7 @@ package sidecar
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -83,13 +84,16 @@ func TestClientThatStopsReadingIsCutOff(t *testing.T) {
 	if ne, ok := err.(net.Error); ok && ne.Timeout() {
 		t.Fatalf("the client's connection was left open after %d bytes: %v", got, err)
 	}
+	// Reset, not closed: meshd's end is gone, not left offering its unsent
+	// bytes to a client that does not read.
+	awaitSocketGone(t, s.Addr("outbound"), conn.LocalAddr().String())
 }
 
 // The write timeout bounds each write, not the answer: a client that reads
 // slowly but steadily gets all of an answer that takes many timeouts to
 // send.
 func TestSlowSteadyReaderIsServed(t *testing.T) {
-	const size = 8 << 20
+	const size = 16 << 20
 	b := newBackend(t, "big", func(w http.ResponseWriter, r *http.Request) {
 		chunk := make([]byte, 64<<10)
 		w.Header().Set("Content-Length", strconv.Itoa(size))
@@ -99,7 +103,7 @@ func TestSlowSteadyReaderIsServed(t *testing.T) {
 			}
 		}
 	})
-	s := start(t, fmt.Sprintf("proxy: {write_timeout: 300ms}\ndiscovery: {static: {big: [%s]}}\nupstreams: {big: {}}\n", b.addr()))
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 1s}\ndiscovery: {static: {big: [%s]}}\nupstreams: {big: {}}\n", b.addr()))
 	conn := dialSmallWindow(t, s.Addr("outbound"))
 	io.WriteString(conn, "GET /big HTTP/1.1\r\nHost: big\r\n\r\n")
 	conn.SetReadDeadline(time.Now().Add(30 * time.Second))
@@ -124,7 +128,7 @@ func TestSlowSteadyReaderIsServed(t *testing.T) {
 	if got != size {
 		t.Fatalf("read %d of %d bytes", got, size)
 	}
-	if el := time.Since(began); el < 600*time.Millisecond {
+	if el := time.Since(began); el < 2*time.Second {
 		t.Fatalf("the answer took %v, less than two write timeouts: the test did not pace the sender", el)
 	}
 }
@@ -168,5 +172,143 @@ func TestTunnelClientThatStopsReadingIsCutOff(t *testing.T) {
 	// after the 5 s a half-closed tunnel is given to finish.
 	if el := time.Since(sent); el > 4*time.Second {
 		t.Errorf("the instance's side closed %v after the client stopped reading; want about the write timeout", el)
+	}
+}
+
+// An HTTP/2 stream whose client stops reading (it grants no more window)
+// is reset after the write timeout, and the instance let go, though the
+// connection itself stays writable.
+func TestH2StreamThatStopsReadingIsCutOff(t *testing.T) {
+	const size = 64 << 20
+	abandoned := make(chan int64, 1)
+	b := newBackend(t, "big", func(w http.ResponseWriter, r *http.Request) {
+		chunk := make([]byte, 64<<10)
+		w.Header().Set("Content-Length", strconv.Itoa(size))
+		var sent int64
+		for sent < size {
+			n, err := w.Write(chunk)
+			sent += int64(n)
+			if err != nil {
+				break
+			}
+		}
+		abandoned <- sent
+	})
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 200ms}\ndiscovery: {static: {big: [%s]}}\nupstreams: {big: {listen: 127.0.0.1:0}}\n", b.addr()))
+	cp := new(http.Protocols)
+	cp.SetUnencryptedHTTP2(true)
+	client := &http.Client{Transport: &http.Transport{Protocols: cp}}
+	defer client.CloseIdleConnections()
+	resp, err := client.Get("http://" + s.Addr("upstream:big") + "/big")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("answered over %s, want HTTP/2", resp.Proto)
+	}
+	select {
+	case sent := <-abandoned:
+		if sent >= size {
+			t.Fatalf("the instance sent its whole answer (%d bytes) to a stream that read none of it", sent)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the instance is still held 20 s after the stream's client stopped reading")
+	}
+	if got, err := io.Copy(io.Discard, resp.Body); err == nil || got >= size {
+		t.Fatalf("the client read %d of %d bytes and then %v; want the stream reset", got, size, err)
+	}
+}
+
+// An HTTP/2 CONNECT tunnel: a client that stops reading has its stream
+// reset after the write timeout and the instance let go; one that resets
+// its stream while the instance is silent ends the tunnel at once, rather
+// than leave it waiting on the instance.
+func TestH2ConnectTunnelEnds(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	feed := make(chan bool, 1) // per connection: stream to the client, or stay silent
+	abandoned := make(chan struct{}, 1)
+	quit := make(chan struct{})
+	defer close(quit)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func(c net.Conn, stream bool) {
+				defer c.Close()
+				if !stream {
+					// Reads to the end, then stays silent and open: a
+					// half-close is no reason for it to close.
+					io.Copy(io.Discard, c)
+					<-quit
+					return
+				}
+				chunk := make([]byte, 64<<10)
+				for i := 0; i < 1024; i++ { // 64 MiB at most
+					if _, err := c.Write(chunk); err != nil {
+						abandoned <- struct{}{}
+						return
+					}
+				}
+			}(c, <-feed)
+		}
+	}()
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 200ms}\ndiscovery: {static: {db: [%s]}}\nupstreams: {db: {listen: 127.0.0.1:0}}\n", ln.Addr()))
+	cp := new(http.Protocols)
+	cp.SetUnencryptedHTTP2(true)
+	client := &http.Client{Transport: &http.Transport{Protocols: cp}}
+	defer client.CloseIdleConnections()
+	connect := func(ctx context.Context) (*http.Response, *io.PipeWriter) {
+		t.Helper()
+		pr, pw := io.Pipe()
+		req, _ := http.NewRequestWithContext(ctx, "CONNECT", "http://"+s.Addr("upstream:db"), pr)
+		req.Host = "db:443"
+		resp, err := client.Do(req)
+		if err != nil || resp.StatusCode != 200 || resp.ProtoMajor != 2 {
+			t.Fatalf("CONNECT over HTTP/2: %v %v", resp, err)
+		}
+		return resp, pw
+	}
+
+	feed <- true
+	resp, pw := connect(context.Background())
+	defer pw.Close()
+	defer resp.Body.Close()
+	select {
+	case <-abandoned:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the instance is still held 20 s after the tunnel's client stopped reading")
+	}
+	rzEventually(t, 10*time.Second, "stalled tunnel ended", func() bool { return rzInstance(t, s, "db", ln.Addr().String()).InFlight == 0 })
+
+	feed <- false
+	ctx, cancel := context.WithCancel(context.Background())
+	resp2, pw2 := connect(ctx)
+	defer pw2.Close()
+	if st := rzInstance(t, s, "db", ln.Addr().String()); st.InFlight != 1 {
+		t.Fatalf("%d tunnels in flight, want the one open", st.InFlight)
+	}
+	cancel() // resets the stream
+	resp2.Body.Close()
+	rzEventually(t, 10*time.Second, "reset tunnel ended", func() bool { return rzInstance(t, s, "db", ln.Addr().String()).InFlight == 0 })
+}
+
+// A write timeout too long to be a deadline sets none, rather than one in
+// the past that would fail every write.
+func TestHugeWriteTimeoutSetsNoDeadline(t *testing.T) {
+	b := newBackend(t, "b", nil)
+	s := start(t, fmt.Sprintf("proxy: {write_timeout: 2562047h}\ndiscovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	resp, err := proxyClient(s).Get("http://svc/x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body := readAll(t, resp); resp.StatusCode != 200 || body != "b" {
+		t.Fatalf("want 200 %q, have %d %q", "b", resp.StatusCode, body)
 	}
 }

@@ -258,12 +258,12 @@ type Proxy struct {
 	ReadHeaderTimeout time.Duration `yaml:"read_header_timeout"`
 	IdleTimeout       time.Duration `yaml:"idle_timeout"`
 	// WriteTimeout is how long one write to a client may wait to finish;
-	// a client that stops reading its answer is then cut off, and the
-	// instance's connection closed with it. It bounds each write (the
-	// event loops: each wait with none of the answer taken), not a whole
+	// a client that stops reading its answer is then cut off (reset), and
+	// the instance's connection closed with it. It bounds each write (the
+	// event loops: each spell with none of the answer taken), not a whole
 	// answer, so a slow reader that keeps reading is served to the end.
-	// Applies to tunnels after their upgrade too. Default 60s; a reload
-	// applies it at once.
+	// Applies to tunnels and HTTP/2 streams too. Default 60s; a value too
+	// long to be a deadline sets none; a reload applies it at once.
 	WriteTimeout   time.Duration `yaml:"write_timeout"`
 	MaxHeaderBytes int           `yaml:"max_header_bytes"`
 	// Drain is how long shutdown waits for in-flight requests; default 20s.

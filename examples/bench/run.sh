@@ -10,7 +10,11 @@
 # shorter rounds in turns steady the medians more than fewer long ones),
 # BENCH_TARGETS (default "direct meshd haproxy nginx"),
 # BENCH_SCENARIOS (default "64:small 1:small 64:large 1:large"),
-# MESHD_EXTRA_CONFIG (YAML appended to meshd's config, e.g. telemetry).
+# MESHD_EXTRA_CONFIG (YAML appended to meshd's config, e.g. telemetry),
+# BENCH_MESHD_VARIANTS (names of more meshd processes to run beside the
+# first, each with the YAML in MESHD_CONFIG_<name> appended, as targets
+# meshd-<name>), BENCH_WARMUP (seconds of load on each target before the
+# rounds, default 0), BENCH_RAW (a file to copy the rounds' raw rows to).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin}
@@ -152,6 +156,35 @@ for url in http://127.0.0.1:18081/small http://127.0.0.1:18090/small http://127.
 done
 curl -fs -H 'Host: payments' http://127.0.0.1:18092/small -o /dev/null || { echo "bench: meshd does not answer" >&2; cat "$work/meshd.log" >&2; exit 1; }
 
+# More meshd processes, one per variant, on ports 18100 and up (admin one
+# above): the same catalog, each with its own extra YAML.
+declare -A variant_port variant_pid
+vport=18100
+for v in ${BENCH_MESHD_VARIANTS:-}; do
+  cfgvar=MESHD_CONFIG_$v
+  cat > "$work/meshd-$v.yaml" <<CONF
+listen: {outbound: 127.0.0.1:$vport, admin: 127.0.0.1:$((vport + 1))}
+discovery:
+  static:
+    payments: [127.0.0.1:18081, 127.0.0.1:18082, 127.0.0.1:18083]
+upstreams:
+  payments:
+    balance: {algorithm: round_robin}
+log: {access: false, level: warn}
+${!cfgvar:-}
+CONF
+  "${SPAWN[@]}" "$BIN/meshd" run --config "$work/meshd-$v.yaml" 2>"$work/meshd-$v.log" &
+  pids+=($!)
+  variant_pid[$v]=$!
+  variant_port[$v]=$vport
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$((vport + 1))/ready" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  curl -fs -H 'Host: payments' "http://127.0.0.1:$vport/small" -o /dev/null || { echo "bench: meshd-$v does not answer" >&2; cat "$work/meshd-$v.log" >&2; exit 1; }
+  vport=$((vport + 2))
+done
+
 # --- measurement ---------------------------------------------------------------
 url_of() {
   case $1 in
@@ -159,6 +192,7 @@ url_of() {
     meshd) echo "http://127.0.0.1:18092" ;;
     haproxy) echo "http://127.0.0.1:18090" ;;
     nginx) echo "http://127.0.0.1:18091" ;;
+    meshd-*) echo "http://127.0.0.1:${variant_port[${1#meshd-}]}" ;;
   esac
 }
 pids_of() {
@@ -166,6 +200,7 @@ pids_of() {
     meshd) echo "$meshd_pid" ;;
     haproxy) echo "$haproxy_pid" ;;
     nginx) echo "$nginx_master $(pgrep -P "$nginx_master" | tr '\n' ' ')" ;;
+    meshd-*) echo "${variant_pid[${1#meshd-}]}" ;;
     *) echo "" ;;
   esac
 }
@@ -227,12 +262,18 @@ run_one() { # target conns path round
 echo "bench: ${ROUNDS} rounds of ${DUR}s per target and scenario (targets: $TARGETS)" >&2
 for scenario in $SCENARIOS; do
   set -- ${scenario/:/ }
+  if [ "${BENCH_WARMUP:-0}" != 0 ]; then
+    for target in $TARGETS; do
+      wrk -t$(( $1 < 2 ? 1 : 2 )) -c"$1" -d"${BENCH_WARMUP}s" -H 'Host: payments' "$(url_of "$target")/$2" >/dev/null 2>&1
+    done
+  fi
   for round in $(seq "$ROUNDS"); do
     for target in $TARGETS; do
       run_one "$target" "$1" "$2" "$round"
     done
   done
 done
+if [ -n "${BENCH_RAW:-}" ]; then cp "$results" "$BENCH_RAW"; fi
 
 # --- report -----------------------------------------------------------------------
 report=$work/report.md

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The cost of tracing and metrics: the same wrk load through meshd with
-# telemetry off, with traces sampled at 1% and at 100% (exported over OTLP/gRPC
-# to a real Jaeger on loopback), and metrics on. Rounds alternate the three.
-# Writes examples/bench/tracing.md.
+# The cost of tracing and metrics: the same wrk load through four meshd
+# processes running side by side, in turns over several rounds: telemetry
+# off, metrics alone, and metrics with traces sampled at 1% and at 100%
+# (exported over OTLP/gRPC to a real Jaeger on loopback). Tracing's own cost
+# is the traced rates against metrics alone. The processes live through the
+# whole run (after a warm-up), so no round pays for a start. Writes
+# examples/bench/tracing.md.
+#
+# Environment: BENCH_DURATION (seconds per run, default 3), BENCH_ROUNDS
+# (default 10).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin}
 JAEGER=${MESHD_JAEGER_BIN:-$HOME/.cache/meshd/bin/jaeger}
 [ -x "$JAEGER" ] || .ci/install-tool jaeger
-ROUNDS=${BENCH_ROUNDS:-5}
-export BENCH_DURATION=${BENCH_DURATION:-5} BENCH_ROUNDS=1 BENCH_TARGETS=meshd BENCH_SCENARIOS="64:small"
+ROUNDS=${BENCH_ROUNDS:-10}
+DUR=${BENCH_DURATION:-3}
 work=$(mktemp -d)
 trap 'kill $jpid 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 cat > "$work/jaeger.yaml" <<'CONF'
@@ -37,35 +43,35 @@ CONF
 "$JAEGER" --config "$work/jaeger.yaml" > "$work/jaeger.log" 2>&1 &
 jpid=$!
 for _ in $(seq 100); do curl -fs http://127.0.0.1:18133/status >/dev/null 2>&1 && break; sleep 0.2; done
+curl -fs http://127.0.0.1:18133/status >/dev/null || { echo "tracing bench: Jaeger did not start" >&2; cat "$work/jaeger.log" >&2; exit 1; }
 
-off="telemetry: {traces: none, metrics: none}"
-one="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:18317, insecure: true, sample_ratio: 0.01, service_name: bench}"
-all="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:18317, insecure: true, sample_ratio: 1, service_name: bench}"
-: > "$work/rows"
-for round in $(seq "$ROUNDS"); do
-  for mode in off one all; do
-    MESHD_EXTRA_CONFIG="${!mode}" BENCH_OUT="$work/$mode-$round.md" examples/bench/run.sh >/dev/null 2>"$work/$mode-$round.err" || { cat "$work/$mode-$round.err" >&2; exit 1; }
-    rps=$(awk -F'|' '/\| meshd \|/ {gsub(/ /, "", $4); print $4; exit}' "$work/$mode-$round.md")
-    p99=$(awk -F'|' '/\| meshd \|/ {gsub(/ /, "", $6); print $6; exit}' "$work/$mode-$round.md")
-    steal=$(awk -F'|' '/\| meshd \|/ {gsub(/ /, "", $10); print $10; exit}' "$work/$mode-$round.md")
-    echo "$mode $rps $p99 $steal" >> "$work/rows"
-    echo "  round $round $mode: $rps rps, p99 $p99 ms, steal $steal%" >&2
-  done
-done
+export MESHD_CONFIG_off="telemetry: {traces: none, metrics: none}"
+export MESHD_CONFIG_met="telemetry: {traces: none, metrics: prometheus}"
+export MESHD_CONFIG_one="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:18317, insecure: true, sample_ratio: 0.01, service_name: bench}"
+export MESHD_CONFIG_all="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:18317, insecure: true, sample_ratio: 1, service_name: bench}"
+BENCH_MESHD_VARIANTS="off met one all" BENCH_TARGETS="meshd-off meshd-met meshd-one meshd-all" \
+  BENCH_SCENARIOS="64:small" BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DUR BENCH_WARMUP=1 \
+  BENCH_RAW="$work/raw.tsv" BENCH_OUT="$work/run.md" BIN=$BIN examples/bench/run.sh >/dev/null
 {
   echo "# The cost of telemetry"
   echo
-  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, wrk 64 connections, 128 B answers, ${BENCH_DURATION}s x $ROUNDS rounds in turns; traces exported over OTLP/gRPC to Jaeger on loopback. Medians."
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, wrk 64 connections, 128 B answers, ${DUR}s x $ROUNDS rounds in turns through four meshd processes running side by side (warmed up 1 s each); traces exported over OTLP/gRPC to Jaeger on loopback. Medians; CPU is meshd's time (user and system) per request."
   echo
-  echo "| telemetry | rps | p99 ms | rps vs off | steal % (highest round) |"
-  echo "|---|---:|---:|---:|---:|"
-  awk '
+  echo "| telemetry | rps | p99 ms | CPU us/req | rps vs off | rps vs metrics alone | steal % (highest round) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  awk -F'\t' '
     function median(a, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }; return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2 }
-    { n[$1]++; r[$1, n[$1]] = $2; p[$1, n[$1]] = $3; if ($4 > st[$1]) st[$1] = $4 }
+    { k = substr($1, 7); n[k]++; r[k, $4] = $5; p[k, n[k]] = $7; c[k, n[k]] = $10; if ($11 > st[k]) st[k] = $11; rounds[$4] = 1 }
     END {
-      split("off one all", modes, " "); label["off"] = "off (traces none, metrics none)"; label["one"] = "traces 1% + metrics"; label["all"] = "traces 100% + metrics"
-      for (m = 1; m <= 3; m++) { k = modes[m]; for (i = 1; i <= n[k]; i++) { a[i] = r[k, i]; b[i] = p[k, i] }; R[k] = median(a, n[k]); P[k] = median(b, n[k]) }
-      for (m = 1; m <= 3; m++) { k = modes[m]; printf "| %s | %.0f | %.2f | %.2f | %d |\n", label[k], R[k], P[k], R[k] / R["off"], st[k] }
-    }' "$work/rows"
+      split("off met one all", modes, " "); label["off"] = "off (traces none, metrics none)"; label["met"] = "metrics alone (traces none)"; label["one"] = "traces 1% + metrics"; label["all"] = "traces 100% + metrics"
+      for (m = 1; m <= 4; m++) { k = modes[m]; i = 0; for (rd in rounds) { i++; a[i] = r[k, rd] }; R[k] = median(a, i); for (i = 1; i <= n[k]; i++) { b[i] = p[k, i]; d[i] = c[k, i] }; P[k] = median(b, n[k]); C[k] = median(d, n[k]) }
+      for (m = 1; m <= 4; m++) { k = modes[m]; v = (k == "off") ? "-" : sprintf("%.2f", R[k] / R["met"]); printf "| %s | %.0f | %.2f | %.1f | %.2f | %s | %d |\n", label[k], R[k], P[k], C[k], R[k] / R["off"], v, st[k] }
+      printf "\nRounds, traces 1%% against metrics alone in the same round:"
+      nr = 0; for (rd in rounds) nr++
+      for (rd = 1; rd <= nr; rd++) { x[rd] = r["one", rd] / r["met", rd]; printf " %.2f", x[rd] }
+      printf " (median %.2f); metrics alone against off:", median(x, nr)
+      for (rd = 1; rd <= nr; rd++) { y[rd] = r["met", rd] / r["off", rd]; printf " %.2f", y[rd] }
+      printf " (median %.2f).\n", median(y, nr)
+    }' "$work/raw.tsv"
 } > examples/bench/tracing.md
 cat examples/bench/tracing.md

@@ -175,9 +175,13 @@ type resolved struct {
 	protocol    string
 	sampler     sdktrace.Sampler
 	samplerDesc string
-	batch       batchConfig
-	propagator  propagation.TextMapPropagator
-	propNames   []string
+	// root decides, without the sampler, for a trace with no parent, as
+	// the sampler would (rootKnown false: ask the sampler).
+	root       rootDecider
+	rootKnown  bool
+	batch      batchConfig
+	propagator propagation.TextMapPropagator
+	propNames  []string
 }
 
 // resolve applies the environment to c. Errors name the key or variable.
@@ -217,11 +221,14 @@ func resolve(c Config) (resolved, error) {
 	if c.SampleRatio != nil {
 		r.sampler = sdktrace.ParentBased(sdktrace.TraceIDRatioBased(*c.SampleRatio))
 		r.samplerDesc = "parentbased_traceidratio:" + strconv.FormatFloat(*c.SampleRatio, 'g', -1, 64)
+		r.root, r.rootKnown = newRootDecider(*c.SampleRatio), true
 	} else {
-		r.sampler, r.samplerDesc, err = samplerFromEnv()
+		var root float64
+		r.sampler, r.samplerDesc, root, err = samplerFromEnv()
 		if err != nil {
 			return r, err
 		}
+		r.root, r.rootKnown = newRootDecider(root), true
 	}
 
 	if r.batch, err = batchConfigFromEnv(); err != nil {
@@ -293,8 +300,9 @@ func splitList(v string) []string {
 	return out
 }
 
-// samplerFromEnv reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG.
-func samplerFromEnv() (sdktrace.Sampler, string, error) {
+// samplerFromEnv reads OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG. It
+// also returns the share of traces with no parent the sampler keeps.
+func samplerFromEnv() (sdktrace.Sampler, string, float64, error) {
 	name := strings.ToLower(strings.TrimSpace(os.Getenv("OTEL_TRACES_SAMPLER")))
 	arg := strings.TrimSpace(os.Getenv("OTEL_TRACES_SAMPLER_ARG"))
 	ratio := func() (float64, error) {
@@ -309,27 +317,27 @@ func samplerFromEnv() (sdktrace.Sampler, string, error) {
 	}
 	switch name {
 	case "", "parentbased_always_on":
-		return sdktrace.ParentBased(sdktrace.AlwaysSample()), "parentbased_always_on", nil
+		return sdktrace.ParentBased(sdktrace.AlwaysSample()), "parentbased_always_on", 1, nil
 	case "always_on":
-		return sdktrace.AlwaysSample(), name, nil
+		return sdktrace.AlwaysSample(), name, 1, nil
 	case "always_off":
-		return sdktrace.NeverSample(), name, nil
+		return sdktrace.NeverSample(), name, 0, nil
 	case "parentbased_always_off":
-		return sdktrace.ParentBased(sdktrace.NeverSample()), name, nil
+		return sdktrace.ParentBased(sdktrace.NeverSample()), name, 0, nil
 	case "traceidratio":
 		f, err := ratio()
 		if err != nil {
-			return nil, "", err
+			return nil, "", 0, err
 		}
-		return sdktrace.TraceIDRatioBased(f), name + ":" + strconv.FormatFloat(f, 'g', -1, 64), nil
+		return sdktrace.TraceIDRatioBased(f), name + ":" + strconv.FormatFloat(f, 'g', -1, 64), f, nil
 	case "parentbased_traceidratio":
 		f, err := ratio()
 		if err != nil {
-			return nil, "", err
+			return nil, "", 0, err
 		}
-		return sdktrace.ParentBased(sdktrace.TraceIDRatioBased(f)), name + ":" + strconv.FormatFloat(f, 'g', -1, 64), nil
+		return sdktrace.ParentBased(sdktrace.TraceIDRatioBased(f)), name + ":" + strconv.FormatFloat(f, 'g', -1, 64), f, nil
 	}
-	return nil, "", fmt.Errorf("OTEL_TRACES_SAMPLER: unsupported sampler %q (want always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio)", name)
+	return nil, "", 0, fmt.Errorf("OTEL_TRACES_SAMPLER: unsupported sampler %q (want always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or parentbased_traceidratio)", name)
 }
 
 // buildPropagator composes the named propagators in order.

@@ -2,9 +2,12 @@ package telemetry
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -14,7 +17,9 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
 	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	"google.golang.org/protobuf/proto"
 )
@@ -520,3 +525,71 @@ func TestSetGlobal(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
+
+// The lean path decides for a trace with no parent without the sampler:
+// its decision must be the sampler's, for every sampler meshd can be given
+// and every trace ID, or a trace would be started by one and dropped by
+// the other.
+func TestRootDecisionIsTheSamplers(t *testing.T) {
+	clearOTelEnv(t)
+	type setup struct {
+		name string
+		cfg  Config
+		env  [2]string // OTEL_TRACES_SAMPLER and its argument
+	}
+	ratio := func(f float64) *float64 { return &f }
+	var setups []setup
+	for _, f := range []float64{0, 1e-12, 0.01, 0.25, 0.5, 0.999999, 1} {
+		setups = append(setups, setup{name: fmt.Sprint("sample_ratio ", f), cfg: Config{SampleRatio: ratio(f)}})
+	}
+	for _, e := range [][2]string{{"", ""}, {"always_on", ""}, {"always_off", ""}, {"parentbased_always_on", ""},
+		{"parentbased_always_off", ""}, {"traceidratio", "0.3"}, {"traceidratio", "0"}, {"parentbased_traceidratio", "0.01"},
+		{"parentbased_traceidratio", "1"}} {
+		setups = append(setups, setup{name: "OTEL_TRACES_SAMPLER=" + e[0] + " " + e[1], env: e})
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	ids := make([]trace.TraceID, 0, 20000)
+	for len(ids) < cap(ids) {
+		var tid trace.TraceID
+		binary.BigEndian.PutUint64(tid[:8], rng.Uint64())
+		binary.BigEndian.PutUint64(tid[8:], rng.Uint64())
+		ids = append(ids, tid)
+	}
+	// IDs at the edges of each ratio's bound, where a rounding slip would show.
+	for _, f := range []float64{0.01, 0.25, 0.5, 0.3} {
+		b := uint64(f * (1 << 63))
+		for _, x := range []uint64{b - 1, b, b + 1} {
+			var tid trace.TraceID
+			tid[0] = 1
+			binary.BigEndian.PutUint64(tid[8:], x<<1)
+			ids = append(ids, tid)
+		}
+	}
+	for _, s := range setups {
+		t.Run(s.name, func(t *testing.T) {
+			if s.env[0] != "" {
+				t.Setenv("OTEL_TRACES_SAMPLER", s.env[0])
+				t.Setenv("OTEL_TRACES_SAMPLER_ARG", s.env[1])
+			}
+			r, err := resolve(s.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !r.rootKnown {
+				t.Fatal("no root decision for a sampler meshd builds")
+			}
+			kept := 0
+			for _, tid := range ids {
+				res := r.sampler.ShouldSample(sdktrace.SamplingParameters{ParentContext: context.Background(), TraceID: tid, Name: "GET", Kind: trace.SpanKindServer})
+				want := res.Decision != sdktrace.Drop
+				if have := r.root.sample(tid); have != want {
+					t.Fatalf("trace %s: the sampler keeps it %v, the lean path %v", tid, want, have)
+				}
+				if want {
+					kept++
+				}
+			}
+			t.Logf("%d of %d kept", kept, len(ids))
+		})
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"strings"
+	"unsafe"
 
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/baggage"
@@ -53,17 +54,19 @@ func leanPropagators(names []string) (lean, traceContext bool) {
 type leanSpan struct {
 	embedded.Span // (noop.Span would add a span context of its own: 80 B more a request)
 	sc            trace.SpanContext
-	tp            trace.TracerProvider
+	tpro          trace.TracerProvider
 	// traceparent is the line that tells an instance this span is its
 	// parent, when trace context is propagated; shared by the attempts.
+	// Its text is tp, written once before the span is shared.
 	traceparent [1]string
+	tp          [55]byte
 }
 
 // SpanContext returns the span's trace and span ID, not sampled.
 func (s *leanSpan) SpanContext() trace.SpanContext { return s.sc }
 
 // TracerProvider returns the provider that made the span.
-func (s *leanSpan) TracerProvider() trace.TracerProvider { return s.tp }
+func (s *leanSpan) TracerProvider() trace.TracerProvider { return s.tpro }
 
 // IsRecording reports false: nothing is recorded.
 func (*leanSpan) IsRecording() bool { return false }
@@ -140,18 +143,53 @@ func (p *Provider) startLean(ctx context.Context, h http.Header, name string) (c
 		return ctx, nil, leanNo
 	}
 	tid := newTraceID()
-	res := p.sampler.ShouldSample(sdktrace.SamplingParameters{ParentContext: ctx, TraceID: tid, Name: name, Kind: trace.SpanKindServer})
-	if res.Decision != sdktrace.Drop {
-		return context.WithValue(ctx, presetTrace{}, tid), nil, leanPreset
+	var state trace.TraceState
+	if p.rootKnown {
+		if p.root.sample(tid) {
+			return context.WithValue(ctx, presetTrace{}, tid), nil, leanPreset
+		}
+	} else {
+		res := p.sampler.ShouldSample(sdktrace.SamplingParameters{ParentContext: ctx, TraceID: tid, Name: name, Kind: trace.SpanKindServer})
+		if res.Decision != sdktrace.Drop {
+			return context.WithValue(ctx, presetTrace{}, tid), nil, leanPreset
+		}
+		state = res.Tracestate
 	}
 	s := &leanSpan{
-		sc: trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: newSpanID(), TraceState: res.Tracestate}),
-		tp: p.TracerProvider,
+		sc:   trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: newSpanID(), TraceState: state}),
+		tpro: p.TracerProvider,
 	}
 	if p.leanTC {
-		s.traceparent[0] = formatTraceparent(s.sc)
+		appendTraceparent(s.tp[:0], s.sc)
+		// The line is the span's own bytes, which nothing writes again.
+		s.traceparent[0] = unsafe.String(&s.tp[0], len(s.tp))
 	}
 	return trace.ContextWithSpan(ctx, s), s, leanDone
+}
+
+// rootDecider decides for a trace with no parent, by its ID alone, what
+// the samplers meshd can be given decide for it: a parent-based sampler
+// defers to its root sampler, and the SDK's trace-ID ratio sampler keeps a
+// trace when the ID's last 63 bits fall under the ratio's share of 2^63
+// (always_on is a ratio of 1, always_off of 0). Asking it costs none of
+// the sampler's parameters and context look-ups.
+type rootDecider struct {
+	all   bool
+	bound uint64
+}
+
+func newRootDecider(f float64) rootDecider {
+	switch {
+	case f >= 1:
+		return rootDecider{all: true}
+	case f <= 0:
+		return rootDecider{}
+	}
+	return rootDecider{bound: uint64(f * (1 << 63))}
+}
+
+func (d rootDecider) sample(tid trace.TraceID) bool {
+	return d.all || binary.BigEndian.Uint64(tid[8:16])>>1 < d.bound
 }
 
 // injectLean writes what p.Propagator would write for a lean span into h.
@@ -167,18 +205,16 @@ func (p *Provider) injectLean(ctx context.Context, s *leanSpan, h http.Header) b
 	return true
 }
 
-// formatTraceparent is the W3C traceparent value for sc: version 00, the
-// IDs in lower-case hex, and the sampled flag.
-func formatTraceparent(sc trace.SpanContext) string {
-	var b [55]byte
-	b[0], b[1], b[2] = '0', '0', '-'
+// appendTraceparent appends the W3C traceparent value for sc to b: version
+// 00, the IDs in lower-case hex and the sampled flag, 55 bytes.
+func appendTraceparent(b []byte, sc trace.SpanContext) []byte {
 	tid, sid := sc.TraceID(), sc.SpanID()
-	hex.Encode(b[3:35], tid[:])
-	b[35] = '-'
-	hex.Encode(b[36:52], sid[:])
-	b[52], b[53], b[54] = '-', '0', '0'
+	b = append(b, '0', '0', '-')
+	b = hex.AppendEncode(b, tid[:])
+	b = append(b, '-')
+	b = hex.AppendEncode(b, sid[:])
 	if sc.IsSampled() {
-		b[54] = '1'
+		return append(b, '-', '0', '1')
 	}
-	return string(b[:])
+	return append(b, '-', '0', '0')
 }

@@ -60,6 +60,8 @@ type Provider struct {
 	// are only W3C trace context and baggage), leanTC when trace context
 	// is among them.
 	sampler      sdktrace.Sampler
+	root         rootDecider // the sampler's decision for a trace with no parent,
+	rootKnown    bool        // when known without asking it
 	lean, leanTC bool
 
 	shutdownOnce sync.Once
@@ -178,6 +180,7 @@ func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.
 		p.TracerProvider = tp
 		p.tracing = true
 		p.sampler = r.sampler
+		p.root, p.rootKnown = r.root, r.rootKnown
 		p.lean, p.leanTC = leanPropagators(r.propNames)
 		p.shutdowns = append(p.shutdowns, tp.Shutdown)
 	}

@@ -878,3 +878,6 @@ func TestFormatTraceparent(t *testing.T) {
 		}
 	}
 }
+
+// formatTraceparent is appendTraceparent's line as a string.
+func formatTraceparent(sc trace.SpanContext) string { return string(appendTraceparent(nil, sc)) }

@@ -487,3 +487,22 @@ func TestHandedOverAnswerLeavesNoBytesBehind(t *testing.T) {
 		t.Errorf("sent later: the next request got %d %q", resp.StatusCode, body)
 	}
 }
+
+// The loops' clock counts monotonic nanoseconds, never 0 (which means
+// "never" to them), and saturates rather than wrap for a deadline too far
+// away to count.
+func TestLoopClock(t *testing.T) {
+	now := time.Now()
+	if m := mono(now); m <= 0 {
+		t.Fatalf("mono(now) = %d, want > 0", m)
+	}
+	if d := mono(now.Add(3*time.Second)) - mono(now); d != int64(3*time.Second) {
+		t.Fatalf("3 s apart on the loops' clock: %v", time.Duration(d))
+	}
+	if m := mono(now.Add(time.Duration(1<<63 - 1))); m != maxTime {
+		t.Fatalf("a deadline past what the clock counts: %d, want maxTime", m)
+	}
+	if a, b := monoNow(), monoNow(); b < a {
+		t.Fatalf("the clock went back: %d then %d", a, b)
+	}
+}

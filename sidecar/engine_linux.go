@@ -298,6 +298,26 @@ func newLoop(e *engine) (*loop, error) {
 
 const maxTime = int64(1<<63 - 1)
 
+// The loops keep time in nanoseconds on the monotonic clock, counted from
+// monoEpoch and offset by monoBase so that 0 still means "never": a step
+// of the wall clock (NTP, a VM resumed) must not expire every deadline or
+// cut every connection at once, nor hold them past their time.
+var monoEpoch = time.Now()
+
+const monoBase = int64(1) << 40
+
+// mono is t on the loops' clock; saturates at maxTime.
+func mono(t time.Time) int64 {
+	d := int64(t.Sub(monoEpoch))
+	if d > maxTime-monoBase {
+		return maxTime
+	}
+	return d + monoBase
+}
+
+// monoNow is the loops' clock now.
+func monoNow() int64 { return mono(time.Now()) }
+
 // poke wakes the loop, unless it has stopped (its eventfd is closed, and
 // the number may belong to another file by now).
 func (l *loop) poke() {
@@ -366,7 +386,7 @@ type etry struct {
 	g         *resilience.Guard
 	ot        openTry
 	dedicated bool
-	deadline  int64 // the request's and try's deadline, unix ns; maxTime for none
+	deadline  int64 // the request's and try's deadline on the loop clock (mono); maxTime for none
 	handAt    int64 // when the loop gives the try to a goroutine if no answer came
 	head      bool  // the answer's head went to the client
 	left      int64 // body bytes still to come
@@ -409,7 +429,7 @@ func spinNext(last, spun int) bool { return last >= spinBatch && spun < spinPoll
 const batchQuiet = 100 * time.Millisecond
 
 // batchNext reports whether a loop's thread should be SCHED_BATCH at now,
-// its last busy batch at busyAt (unix ns; 0 for never).
+// its last busy batch at busyAt (on the loops' clock; 0 for never).
 func batchNext(busyAt, now int64) bool {
 	return busyAt != 0 && now-busyAt < int64(batchQuiet)
 }
@@ -485,7 +505,7 @@ func (l *loop) run() {
 		for i := 0; i < n; i++ {
 			ev := l.events[i]
 			if i == 0 {
-				l.now = time.Now().UnixNano()
+				l.now = monoNow()
 			}
 			if int(ev.Fd) == l.wake {
 				if l.woken() {
@@ -504,7 +524,7 @@ func (l *loop) run() {
 				}
 			}
 		}
-		now := time.Now().UnixNano()
+		now := monoNow()
 		// (Also for what the sweeps below do: after a wait that timed
 		// out, l.now would be as old as the last event.)
 		l.now = now
@@ -706,7 +726,7 @@ func (l *loop) addClient(a adoptee) {
 		return
 	}
 	l.gen++
-	c := &econn{l: l, f: a.f, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: time.Now().UnixNano()}
+	c := &econn{l: l, f: a.f, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: monoNow()}
 	c.w.closing = &a.f.closing
 	if err := l.register(a.fd, c.gen, c, unix.EPOLLIN); err != nil {
 		delete(l.fds, int32(a.fd))
@@ -1112,7 +1132,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	var bd, td time.Time
 	if budget > 0 {
 		bd = start.Add(budget)
-		x.deadline = bd.UnixNano()
+		x.deadline = mono(bd)
 	}
 	rem := time.Duration(0)
 	if budget > 0 {
@@ -1120,7 +1140,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	}
 	if tt := rc.Timeouts.TryTimeout(rem); tt > 0 {
 		td = start.Add(tt)
-		x.deadline = min(x.deadline, td.UnixNano())
+		x.deadline = min(x.deadline, mono(td))
 	}
 	// The request for the instance, as outgoing builds it, in x. Its
 	// context is set when a goroutine takes it over.
@@ -1246,7 +1266,7 @@ func fullHeader(x *etry) {
 func (l *loop) send(x *etry) {
 	rc := x.g.Config()
 	addr := x.ot.ep.Address
-	l.track(x, x.ot.t0.UnixNano()+int64(rc.Timeouts.Connect))
+	l.track(x, mono(x.ot.t0.Add(rc.Timeouts.Connect)))
 	l.reqBuf.Reset()
 	l.reqW.Reset(&l.reqBuf)
 	var lines []byte
@@ -1500,7 +1520,7 @@ func (l *loop) writeUp(u *upconn) {
 	x.ot.written = time.Now()
 	// From here the response header timeout counts.
 	if ht := x.g.Config().Timeouts.ResponseHeader; ht > 0 {
-		x.handAt = min(x.deadline, x.ot.written.Add(ht).UnixNano())
+		x.handAt = min(x.deadline, mono(x.ot.written.Add(ht)))
 	} else {
 		x.handAt = x.deadline
 	}

@@ -24,8 +24,8 @@
 // return the context unchanged and a no-op span without touching headers
 // (trace headers the app sent pass through the proxy as they are); when a
 // span is not sampled no attribute is built, and a request that brings no
-// trace context and is sampled out never reaches the SDK: meshd asks the
-// sampler itself and writes the not-sampled traceparent (when only W3C
+// trace context and is sampled out never reaches the SDK: meshd decides as
+// the sampler would and writes the not-sampled traceparent (when only W3C
 // trace context and baggage are propagated). Metric methods reuse cached
 // attribute sets and do not allocate after the first request of each label
 // combination.

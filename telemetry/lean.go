@@ -12,7 +12,6 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/baggage"
 	"go.opentelemetry.io/otel/codes"
-	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
 	"go.opentelemetry.io/otel/trace/embedded"
 )
@@ -23,13 +22,13 @@ import (
 // meshd join one trace and honour the decision. Through the SDK that took
 // a tracer Start (options, sampler parameters, the span and its context)
 // and a composite Inject, about 2 µs a request under load. The lean path
-// below asks the provider's own sampler first, with a trace ID it drew
-// itself; when the sampler drops the request, it makes the span context
-// and the traceparent line itself and the SDK never sees the request. When
-// the sampler keeps it, the SDK starts the span as before, with the same
-// trace ID (idGenerator), so the sampler answers the same again: every
-// sampler meshd can be configured with decides on the trace ID and the
-// parent only.
+// below draws a trace ID itself and decides as the provider's sampler
+// would (rootDecider: every sampler meshd can be configured with decides a
+// trace with no parent by its ID alone); when the trace is dropped, it
+// makes the span context and the traceparent line itself and the SDK
+// never sees the request. When the trace is kept, the SDK starts the span
+// as before, with the same trace ID (idGenerator), so its sampler answers
+// the same.
 
 // leanPropagators reports whether every propagator named is one the lean
 // path can stand in for: W3C trace context, whose traceparent it writes,
@@ -143,26 +142,20 @@ func (p *Provider) startLean(ctx context.Context, h http.Header, name string) (c
 		return ctx, nil, leanNo
 	}
 	tid := newTraceID()
-	var state trace.TraceState
-	if p.rootKnown {
-		if p.root.sample(tid) {
-			return context.WithValue(ctx, presetTrace{}, tid), nil, leanPreset
-		}
-	} else {
-		res := p.sampler.ShouldSample(sdktrace.SamplingParameters{ParentContext: ctx, TraceID: tid, Name: name, Kind: trace.SpanKindServer})
-		if res.Decision != sdktrace.Drop {
-			return context.WithValue(ctx, presetTrace{}, tid), nil, leanPreset
-		}
-		state = res.Tracestate
+	if p.root.sample(tid) {
+		return context.WithValue(ctx, presetTrace{}, tid), nil, leanPreset
 	}
 	s := &leanSpan{
-		sc:   trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: newSpanID(), TraceState: state}),
+		sc:   trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: newSpanID()}),
 		tpro: p.TracerProvider,
 	}
 	if p.leanTC {
-		appendTraceparent(s.tp[:0], s.sc)
+		b := appendTraceparent(s.tp[:0], s.sc)
+		if len(b) != len(s.tp) {
+			panic("telemetry: traceparent is not 55 bytes") // the format is fixed; the array must hold it
+		}
 		// The line is the span's own bytes, which nothing writes again.
-		s.traceparent[0] = unsafe.String(&s.tp[0], len(s.tp))
+		s.traceparent[0] = unsafe.String(unsafe.SliceData(b), len(b))
 	}
 	return trace.ContextWithSpan(ctx, s), s, leanDone
 }
@@ -170,7 +163,8 @@ func (p *Provider) startLean(ctx context.Context, h http.Header, name string) (c
 // rootDecider decides for a trace with no parent, by its ID alone, what
 // the samplers meshd can be given decide for it: a parent-based sampler
 // defers to its root sampler, and the SDK's trace-ID ratio sampler keeps a
-// trace when the ID's last 63 bits fall under the ratio's share of 2^63
+// trace when the ID's last 8 bytes, shifted right by one, fall under the
+// ratio's share of 2^63
 // (always_on is a ratio of 1, always_off of 0). Asking it costs none of
 // the sampler's parameters and context look-ups.
 type rootDecider struct {

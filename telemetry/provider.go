@@ -59,9 +59,7 @@ type Provider struct {
 	// without trace context may be started by startLean (the propagators
 	// are only W3C trace context and baggage), leanTC when trace context
 	// is among them.
-	sampler      sdktrace.Sampler
-	root         rootDecider // the sampler's decision for a trace with no parent,
-	rootKnown    bool        // when known without asking it
+	root         rootDecider // the sampler's decision for a trace with no parent
 	lean, leanTC bool
 
 	shutdownOnce sync.Once
@@ -179,8 +177,7 @@ func setup(ctx context.Context, cfg Config, logger *slog.Logger, extra sdktrace.
 		tp := sdktrace.NewTracerProvider(opts...)
 		p.TracerProvider = tp
 		p.tracing = true
-		p.sampler = r.sampler
-		p.root, p.rootKnown = r.root, r.rootKnown
+		p.root = r.root
 		p.lean, p.leanTC = leanPropagators(r.propNames)
 		p.shutdowns = append(p.shutdowns, tp.Shutdown)
 	}

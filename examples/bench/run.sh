@@ -13,8 +13,11 @@
 # MESHD_EXTRA_CONFIG (YAML appended to meshd's config, e.g. telemetry),
 # BENCH_MESHD_VARIANTS (names of more meshd processes to run beside the
 # first, each with the YAML in MESHD_CONFIG_<name> appended, as targets
-# meshd-<name>), BENCH_WARMUP (seconds of load on each target before the
-# rounds, default 0), BENCH_RAW (a file to copy the rounds' raw rows to).
+# meshd-<name>; a name is letters, digits and underscores), BENCH_WARMUP
+# (seconds of load on each target before the rounds, default 0),
+# BENCH_ROTATE (1: each round starts one target further on, so that no
+# target always follows the same one), BENCH_RAW (a file to copy the
+# rounds' raw rows to).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${BIN:-bin}
@@ -264,12 +267,16 @@ for scenario in $SCENARIOS; do
   set -- ${scenario/:/ }
   if [ "${BENCH_WARMUP:-0}" != 0 ]; then
     for target in $TARGETS; do
-      wrk -t$(( $1 < 2 ? 1 : 2 )) -c"$1" -d"${BENCH_WARMUP}s" -H 'Host: payments' "$(url_of "$target")/$2" >/dev/null 2>&1
+      wrk -t$(( $1 < 2 ? 1 : 2 )) -c"$1" -d"${BENCH_WARMUP}s" -H 'Host: payments' "$(url_of "$target")/$2" >/dev/null 2>&1 ||
+        { echo "bench: warming $target up failed" >&2; exit 1; }
     done
   fi
+  read -r -a order <<<"$TARGETS"
   for round in $(seq "$ROUNDS"); do
-    for target in $TARGETS; do
-      run_one "$target" "$1" "$2" "$round"
+    shift_by=0
+    [ "${BENCH_ROTATE:-0}" = 1 ] && shift_by=$(( (round - 1) % ${#order[@]} ))
+    for i in "${!order[@]}"; do
+      run_one "${order[$(( (i + shift_by) % ${#order[@]} ))]}" "$1" "$2" "$round"
     done
   done
 done

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The cost of tracing and metrics: the same wrk load through four meshd
-# processes running side by side, in turns over several rounds: telemetry
-# off, metrics alone, and metrics with traces sampled at 1% and at 100%
-# (exported over OTLP/gRPC to a real Jaeger on loopback). Tracing's own cost
-# is the traced rates against metrics alone. The processes live through the
-# whole run (after a warm-up), so no round pays for a start. Writes
-# examples/bench/tracing.md.
+# processes running side by side (beside run.sh's own meshd, HAProxy and
+# nginx, idle here), in turns over several rounds, each round starting one
+# further on: telemetry off, metrics alone, and metrics with traces sampled
+# at 1% and at 100% (exported over OTLP/gRPC to a real Jaeger on loopback).
+# Tracing's own cost is the traced rates against metrics alone. The
+# processes live through the whole run (after a warm-up), so no round pays
+# for a start. Writes examples/bench/tracing.md.
 #
 # Environment: BENCH_DURATION (seconds per run, default 3), BENCH_ROUNDS
 # (default 10).
@@ -50,12 +51,17 @@ export MESHD_CONFIG_met="telemetry: {traces: none, metrics: prometheus}"
 export MESHD_CONFIG_one="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:18317, insecure: true, sample_ratio: 0.01, service_name: bench}"
 export MESHD_CONFIG_all="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:18317, insecure: true, sample_ratio: 1, service_name: bench}"
 BENCH_MESHD_VARIANTS="off met one all" BENCH_TARGETS="meshd-off meshd-met meshd-one meshd-all" \
-  BENCH_SCENARIOS="64:small" BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DUR BENCH_WARMUP=1 \
+  BENCH_SCENARIOS="64:small" BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DUR BENCH_WARMUP=1 BENCH_ROTATE=1 \
   BENCH_RAW="$work/raw.tsv" BENCH_OUT="$work/run.md" BIN=$BIN examples/bench/run.sh >/dev/null
+# A round without a rate (wrk failed, a meshd died) would be read as 0.
+if bad=$(awk -F'\t' '!($5 > 0) {print $1 " round " $4; exit 1}' "$work/raw.tsv"); then :; else
+  echo "tracing bench: no rate for $bad; nothing written" >&2
+  exit 1
+fi
 {
   echo "# The cost of telemetry"
   echo
-  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, wrk 64 connections, 128 B answers, ${DUR}s x $ROUNDS rounds in turns through four meshd processes running side by side (warmed up 1 s each); traces exported over OTLP/gRPC to Jaeger on loopback. Medians; CPU is meshd's time (user and system) per request."
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC') (the run's end), $(nproc) cores, wrk 64 connections, 128 B answers, ${DUR}s x $ROUNDS rounds in turns (each round starting one further on) through four meshd processes running side by side (warmed up 1 s each); traces exported over OTLP/gRPC to Jaeger on loopback. Medians; CPU is meshd's time (user and system) per request."
   echo
   echo "| telemetry | rps | p99 ms | CPU us/req | rps vs off | rps vs metrics alone | steal % (highest round) |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
@@ -73,5 +79,6 @@ BENCH_MESHD_VARIANTS="off met one all" BENCH_TARGETS="meshd-off meshd-met meshd-
       for (rd = 1; rd <= nr; rd++) { y[rd] = r["met", rd] / r["off", rd]; printf " %.2f", y[rd] }
       printf " (median %.2f).\n", median(y, nr)
     }' "$work/raw.tsv"
-} > examples/bench/tracing.md
+} > "$work/tracing.md"
+mv "$work/tracing.md" examples/bench/tracing.md
 cat examples/bench/tracing.md

@@ -289,3 +289,18 @@ func connectionTokens[T string | []byte](v T) (close, ok bool) {
 	}
 	return close, true
 }
+
+// parseLength parses a Content-Length value as h1 does.
+func parseLength(v string) (int64, bool) {
+	if v == "" || len(v) > 18 {
+		return 0, false
+	}
+	var n int64
+	for i := 0; i < len(v); i++ {
+		if v[i] < '0' || v[i] > '9' {
+			return 0, false
+		}
+		n = n*10 + int64(v[i]-'0')
+	}
+	return n, true
+}

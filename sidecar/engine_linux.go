@@ -1931,18 +1931,3 @@ func (l *loop) handOver(x *etry) {
 	st := &started{u: x.ex.u, start: x.ex.start, dedicated: x.dedicated, span: x.span, ctx: x.ex.ctx, try: &x.ot}
 	l.delegate(c, x.req, st, c.in)
 }
-
-// parseLength parses a Content-Length value as h1 does.
-func parseLength(v string) (int64, bool) {
-	if v == "" || len(v) > 18 {
-		return 0, false
-	}
-	var n int64
-	for i := 0; i < len(v); i++ {
-		if v[i] < '0' || v[i] > '9' {
-			return 0, false
-		}
-		n = n*10 + int64(v[i]-'0')
-	}
-	return n, true
-}

@@ -750,6 +750,58 @@ func (l *loop) closeClient(c *econn) {
 	c.f.wg.Done()
 }
 
+// closeAnswered closes c after the answer that ended its connection
+// (Connection: close, or a shutdown draining). When the client has sent
+// more than the loop read (requests pipelined behind that one), closing
+// would reset the connection, and a reset drops what the kernel still
+// holds of the answer. Then the connection leaves the loop for a
+// goroutine that shuts its sending side and reads and drops what comes
+// until the client closes or lingerMax passes, as the goroutine path does.
+func (l *loop) closeAnswered(c *econn) {
+	if !unreadFD(c.fd) {
+		l.closeClient(c)
+		return
+	}
+	l.forgetClient(c)
+	f := c.f
+	nc, err := fdConn(c.fd)
+	if err != nil {
+		f.wg.Done() // (the descriptor is closed)
+		return
+	}
+	go func() {
+		lingerConn(nc)
+		nc.Close()
+		f.wg.Done()
+	}()
+}
+
+// unreadFD reports whether the socket fd holds bytes not read yet.
+func unreadFD(fd int) bool {
+	n, err := unix.IoctlGetInt(fd, unix.SIOCINQ)
+	return err == nil && n > 0
+}
+
+// unreadConn is unreadFD for a connection the goroutine path serves.
+func unreadConn(nc net.Conn) bool {
+	for {
+		switch c := nc.(type) {
+		case *replayConn:
+			nc = c.Conn
+			continue
+		case syscall.Conn:
+			rc, err := c.SyscallConn()
+			if err != nil {
+				return false
+			}
+			unread := false
+			rc.Control(func(fd uintptr) { unread = unreadFD(int(fd)) })
+			return unread
+		}
+		return false
+	}
+}
+
 // dropClient closes c whatever it is doing; a request in progress is
 // settled as one whose caller left.
 func (l *loop) dropClient(c *econn) {
@@ -920,7 +972,11 @@ func (l *loop) flushClient(c *econn) {
 		l.rearm(c.fd, c.gen, c.events())
 	}
 	if c.x == nil {
-		if c.closeNow || c.dead || c.eof && len(c.in) == 0 {
+		if c.closeNow && !c.dead {
+			l.closeAnswered(c)
+			return
+		}
+		if c.dead || c.eof && len(c.in) == 0 {
 			l.closeClient(c)
 			return
 		}
@@ -1759,7 +1815,11 @@ func (l *loop) complete(x *etry) {
 	if len(c.out) > 0 {
 		return // flushClient goes on
 	}
-	if c.closeNow || c.eof && len(c.in) == 0 {
+	if c.closeNow {
+		l.closeAnswered(c)
+		return
+	}
+	if c.eof && len(c.in) == 0 {
 		// (A client that has closed its side is still answered the
 		// requests it sent before.)
 		l.closeClient(c)

@@ -22,3 +22,7 @@ func (e *engine) closeIdle(*fastServer)                 {}
 func (e *engine) closeAll(*fastServer)                  {}
 func (e *engine) dropIdle()                             {}
 func (e *engine) stop()                                 {}
+
+// unreadConn reports false here: the unread bytes of a socket are only
+// looked at on Linux.
+func unreadConn(net.Conn) bool { return false }

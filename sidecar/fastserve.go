@@ -279,7 +279,9 @@ func (f *fastServer) serveConn(c *fastConn) {
 			return
 		}
 		if w.closeAfter || f.closing.Load() || c.foreignDeadline.Load() {
-			if body != nil && !body.done && !body.restBuffered() {
+			// A body not read to its end, or requests pipelined behind
+			// this one, would make the close a reset.
+			if body != nil && !body.done && !body.restBuffered() || unreadConn(c.nc) {
 				c.lingerClose()
 			}
 			return
@@ -311,13 +313,16 @@ var lingerMax = 500 * time.Millisecond
 // it; instead the sending side is shut, and what the client still sends is
 // read and dropped until it closes too or lingerMax passes. The caller
 // then closes the connection.
-func (c *fastConn) lingerClose() {
-	cw, ok := c.nc.(interface{ CloseWrite() error })
+func (c *fastConn) lingerClose() { lingerConn(c.nc) }
+
+// lingerConn is lingerClose for any connection.
+func lingerConn(nc net.Conn) {
+	cw, ok := nc.(interface{ CloseWrite() error })
 	if !ok || cw.CloseWrite() != nil {
 		return
 	}
-	c.nc.SetReadDeadline(time.Now().Add(lingerMax))
-	io.CopyN(io.Discard, c.nc, 64<<20)
+	nc.SetReadDeadline(time.Now().Add(lingerMax))
+	io.CopyN(io.Discard, nc, 64<<20)
 }
 
 // clientWatchDelay is how long a request runs before meshd starts watching

@@ -135,10 +135,15 @@ func (c *timedConn) CloseWrite() error {
 	return nil
 }
 
-// Close closes the connection, resetting it if a write timed out.
+// Close closes the connection: reset if a write timed out; after a
+// lingering close (lingerConn) if the client has sent bytes no one read,
+// which would otherwise make the close a reset that drops what the kernel
+// still holds of the last answer.
 func (c *timedConn) Close() error {
 	if c.wt.timedOut.Load() {
 		resetOnClose(c.Conn)
+	} else if unreadConn(c.Conn) {
+		lingerConn(c.Conn)
 	}
 	return c.Conn.Close()
 }

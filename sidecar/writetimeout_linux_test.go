@@ -48,3 +48,24 @@ func socketStates(t *testing.T, lp, rp uint16) []string {
 	}
 	return out
 }
+
+// socketQueues lists the rx_queue (hex) of the sockets from port lp to rp
+// in /proc/net/tcp.
+func socketQueues(t *testing.T, lp, rp uint16) []string {
+	t.Helper()
+	raw, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	lsuf, rsuf := fmt.Sprintf(":%04X", lp), fmt.Sprintf(":%04X", rp)
+	for _, line := range strings.Split(string(raw), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 5 || !strings.HasSuffix(f[1], lsuf) || !strings.HasSuffix(f[2], rsuf) {
+			continue
+		}
+		_, rx, _ := strings.Cut(f[4], ":")
+		out = append(out, rx)
+	}
+	return out
+}

@@ -757,22 +757,23 @@ func (l *loop) closeClient(c *econn) {
 // holds of the answer. Then the connection leaves the loop for a
 // goroutine that shuts its sending side and reads and drops what comes
 // until the client closes or lingerMax passes, as the goroutine path does.
+// The server counts the connection closed when it leaves, so that a
+// shutdown does not wait for the linger; one that is dropping every
+// connection closes it at once.
 func (l *loop) closeAnswered(c *econn) {
-	if !unreadFD(c.fd) {
+	if c.f.dropAll.Load() || !unreadFD(c.fd) {
 		l.closeClient(c)
 		return
 	}
 	l.forgetClient(c)
-	f := c.f
+	c.f.wg.Done()
 	nc, err := fdConn(c.fd)
 	if err != nil {
-		f.wg.Done() // (the descriptor is closed)
-		return
+		return // (the descriptor is closed)
 	}
 	go func() {
 		lingerConn(nc)
 		nc.Close()
-		f.wg.Done()
 	}()
 }
 

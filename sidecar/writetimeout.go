@@ -78,7 +78,8 @@ func (w *timedWriter) Write(p []byte) (int, error) {
 // write timeout, including those of a tunnel it is hijacked for.
 type timedConn struct {
 	net.Conn
-	wt writeTimer
+	wt     writeTimer
+	closed atomic.Bool
 }
 
 func newTimedConn(s *Sidecar, c net.Conn) *timedConn {
@@ -135,15 +136,30 @@ func (c *timedConn) CloseWrite() error {
 	return nil
 }
 
-// Close closes the connection: reset if a write timed out; after a
-// lingering close (lingerConn) if the client has sent bytes no one read,
-// which would otherwise make the close a reset that drops what the kernel
-// still holds of the last answer.
+// Close closes the connection: reset if a write timed out. If the client
+// has sent bytes no one read, which would make a plain close a reset that
+// drops what the kernel still holds of the last answer, the sending side is
+// shut at once and the rest read and dropped on a goroutine for up to
+// lingerMax before the close, so that Close itself never waits (net/http's
+// Server.Close closes its connections one after another). A second Close
+// closes at once.
 func (c *timedConn) Close() error {
+	if c.closed.Swap(true) {
+		return c.Conn.Close()
+	}
 	if c.wt.timedOut.Load() {
 		resetOnClose(c.Conn)
-	} else if unreadConn(c.Conn) {
-		lingerConn(c.Conn)
+		return c.Conn.Close()
+	}
+	if unreadConn(c.Conn) {
+		if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok && cw.CloseWrite() == nil {
+			go func() {
+				c.Conn.SetReadDeadline(time.Now().Add(lingerMax))
+				io.CopyN(io.Discard, c.Conn, 64<<20)
+				c.Conn.Close()
+			}()
+			return nil
+		}
 	}
 	return c.Conn.Close()
 }

@@ -504,6 +504,9 @@ func (f *fastServer) closeAll() {
 	for c := range f.conns {
 		c.state.Store(connClosed)
 		c.nc.Close()
+		// Its request too: one blocked on the instance (an upload it does
+		// not read) would not notice the client's connection closing.
+		c.cancel()
 	}
 }
 

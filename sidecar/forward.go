@@ -1150,7 +1150,7 @@ func (s *Sidecar) switchProtocols(w http.ResponseWriter, r *http.Request, resp *
 		return http.StatusBadGateway, nil
 	}
 	defer conn.Close()
-	untrack := s.trackTunnel(conn)
+	untrack := s.trackTunnel(conn, backend)
 	defer untrack()
 	h := make(http.Header, len(resp.Header))
 	copyEndToEnd(h, resp.Header)
@@ -1293,7 +1293,7 @@ func (s *Sidecar) tunnel(w http.ResponseWriter, r *http.Request, u *upstream, st
 			return
 		}
 		defer conn.Close()
-		untrack := s.trackTunnel(conn)
+		untrack := s.trackTunnel(conn, backend)
 		defer untrack()
 		conn.Write([]byte("HTTP/1.1 200 Connection Established\r\n\r\n"))
 		s.pipe(conn, brw.Reader, backend)

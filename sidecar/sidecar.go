@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -49,7 +50,7 @@ type Sidecar struct {
 
 	tunnels   sync.WaitGroup
 	tunnelMu  sync.Mutex
-	tunnelSet map[net.Conn]struct{}
+	tunnelSet map[io.Closer]struct{} // both ends of every tunnel
 	// eng is the event loops of the proxy listeners (nil: none).
 	eng *engine
 	// Listeners a reload replaced, still draining: Shutdown waits for them.
@@ -94,7 +95,7 @@ func New(cfg *config.Config, log *slog.Logger, tel *telemetry.Provider) (*Sideca
 	if log == nil {
 		log = slog.Default()
 	}
-	s := &Sidecar{log: log, tel: tel, listeners: map[string]*listener{}, tunnelSet: map[net.Conn]struct{}{}}
+	s := &Sidecar{log: log, tel: tel, listeners: map[string]*listener{}, tunnelSet: map[io.Closer]struct{}{}}
 	s.catalog = static.New(staticInstances(cfg.Static))
 	s.cfg.Store(cfg)
 	empty := map[string]*upstream{}
@@ -570,14 +571,16 @@ func (s *Sidecar) Shutdown(ctx context.Context) error {
 	return nil
 }
 
-func (s *Sidecar) trackTunnel(c net.Conn) (untrack func()) {
+func (s *Sidecar) trackTunnel(client net.Conn, backend io.Closer) (untrack func()) {
 	s.tunnels.Add(1)
 	s.tunnelMu.Lock()
-	s.tunnelSet[c] = struct{}{}
+	s.tunnelSet[client] = struct{}{}
+	s.tunnelSet[backend] = struct{}{}
 	s.tunnelMu.Unlock()
 	return func() {
 		s.tunnelMu.Lock()
-		delete(s.tunnelSet, c)
+		delete(s.tunnelSet, client)
+		delete(s.tunnelSet, backend)
 		s.tunnelMu.Unlock()
 		s.tunnels.Done()
 	}

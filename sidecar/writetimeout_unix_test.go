@@ -312,3 +312,109 @@ func TestHugeWriteTimeoutSetsNoDeadline(t *testing.T) {
 		t.Fatalf("want 200 %q, have %d %q", "b", resp.StatusCode, body)
 	}
 }
+
+// A shutdown whose deadline passes cuts both ends of a tunnel: with an
+// instance that neither reads nor sends, cutting the client's end alone
+// left the tunnel's copy blocked on the instance, and the shutdown waiting
+// for it for ever.
+func TestShutdownCutsATunnelStuckOnItsInstance(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	quit := make(chan struct{})
+	defer close(quit)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { <-quit; c.Close() }() // never reads, never sends
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {db: [%s]}}\nupstreams: {db: {}}\n", ln.Addr()))
+	conn, err := net.Dial("tcp", s.Addr("outbound"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	io.WriteString(conn, "CONNECT db:443 HTTP/1.1\r\nHost: db:443\r\n\r\n")
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), &http.Request{Method: "CONNECT"})
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("CONNECT: %v %v", resp, err)
+	}
+	// More than the instance's socket and meshd's take: the tunnel's copy
+	// blocks writing to the instance.
+	go conn.Write(make([]byte, 16<<20))
+	ctx, cancel := contextWithTimeout(200 * time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- s.Shutdown(ctx) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("shutdown still waiting 15 s after its 200 ms deadline, on a tunnel whose instance does nothing")
+	}
+}
+
+// A shutdown whose deadline passes closes every connection at once, not
+// one lingering close after another: connections whose clients are still
+// sending (uploads stuck behind an instance that does not read) each have
+// unread bytes, and closing them must not wait for those.
+func TestForcedShutdownClosesAtOnce(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	quit := make(chan struct{})
+	defer close(quit)
+	accepted := make(chan struct{}, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- struct{}{}
+			go func() { <-quit; c.Close() }() // never reads, never answers
+		}
+	}()
+	s := start(t, fmt.Sprintf("discovery: {static: {up: [%s]}}\nupstreams: {up: {retry: {attempts: 1}}}\n", ln.Addr()))
+	const uploads = 6
+	for i := 0; i < uploads; i++ {
+		conn, err := net.Dial("tcp", s.Addr("outbound"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		go func() {
+			io.WriteString(conn, "POST /up HTTP/1.1\r\nHost: up\r\nContent-Length: 67108864\r\n\r\n")
+			conn.Write(make([]byte, 64<<20))
+		}()
+	}
+	for i := 0; i < uploads; i++ {
+		select {
+		case <-accepted:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d of %d uploads reached the instance", i, uploads)
+		}
+	}
+	ctx, cancel := contextWithTimeout(200 * time.Millisecond)
+	defer cancel()
+	began := time.Now()
+	done := make(chan error, 1)
+	go func() { done <- s.Shutdown(ctx) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("shutdown still waiting 15 s after its 200 ms deadline")
+	}
+	// Half a second a connection, one after another, would be 3 s.
+	if el := time.Since(began); el > 1500*time.Millisecond {
+		t.Fatalf("shutdown took %v with a 200 ms deadline and %d connections to cut", el, uploads)
+	}
+}

@@ -749,6 +749,84 @@ func TestEventLoopSpinsOnlyWhenBusy(t *testing.T) {
 	}
 }
 
+func TestYieldNextIsATime(t *testing.T) {
+	at := int64(100 * time.Second)
+	every := int64(yieldEvery)
+	cases := []struct {
+		now     int64
+		batches int
+		want    bool
+	}{
+		{at, 100, false},
+		{at + every - 1, 100, false},
+		{at + every, yieldBatches, true},
+		{at + 50*every, 1000, true},
+		{at + 50*every, yieldBatches - 1, false},
+		// One batch between waits through the runtime: never.
+		{at + 50*every, 1, false},
+		{at + 50*every, 0, false},
+	}
+	for _, c := range cases {
+		if got := yieldNext(at, c.now, c.batches); got != c.want {
+			t.Errorf("yieldNext(%v after, %d batches) = %v, want %v", time.Duration(c.now-at), c.batches, got, c.want)
+		}
+	}
+	if yieldEvery >= 10*time.Millisecond {
+		t.Errorf("yieldEvery %v: no shorter than the runtime's own preemption", yieldEvery)
+	}
+}
+
+// countYields makes the loops count the times they give way, for the
+// sidecars the test starts after it.
+func countYields(t *testing.T) *atomic.Int64 {
+	var n atomic.Int64
+	old := loopYield
+	loopYield = func() { n.Add(1); runtime.Gosched() }
+	t.Cleanup(func() { loopYield = old })
+	return &n
+}
+
+// A loop serving one connection waits through the runtime after every
+// event, which lets the scheduler in: it never gives way on top of that.
+// (On a loop locked to its thread, each Gosched is a hand-over to another
+// thread and back; counted in batches, one request in 16 paid for one.)
+func TestEventLoopOneConnectionDoesNotYield(t *testing.T) {
+	yields := countYields(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)))
+	engineOf(t, s)
+	const each = 2000
+	if n := hammer(t, s, 1, each, nil); n != each {
+		t.Fatalf("%d requests answered, want %d", n, each)
+	}
+	if y := yields.Load(); y != 0 {
+		t.Fatalf("the loops gave way %d times over %d requests on one connection, want none", y, each)
+	}
+}
+
+// A loop kept busy still gives way now and then, so that it never holds
+// its processor until the runtime preempts it.
+func TestEventLoopBusyYields(t *testing.T) {
+	yields := countYields(t)
+	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)))
+	engineOf(t, s)
+	stop := make(chan struct{})
+	done := make(chan int64, 1)
+	go func() { done <- hammer(t, s, 16, 50000, stop) }()
+	deadline := time.After(20 * time.Second)
+	for yields.Load() == 0 {
+		select {
+		case n := <-done:
+			t.Fatalf("no loop gave way while 16 connections sent %d requests", n)
+		case <-deadline:
+			close(stop)
+			t.Fatalf("no loop gave way in 20 s under 16 connections (%d requests answered)", <-done)
+		case <-time.After(time.Millisecond):
+		}
+	}
+	close(stop)
+	<-done
+}
+
 func TestBatchNextFollowsLoad(t *testing.T) {
 	now := int64(100 * time.Second)
 	quiet := int64(batchQuiet)

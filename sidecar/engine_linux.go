@@ -446,6 +446,22 @@ func yieldNext(yieldAt, now int64, batches int) bool {
 	return batches >= yieldBatches && now-yieldAt >= int64(yieldEvery)
 }
 
+// quietYield is how long a loop may go without giving way before it does
+// so at its next quiet moment, waiting or not. The runtime's monitor
+// preempts a goroutine that has not been through the scheduler for 10 ms,
+// waits in the kernel included, and on a loop serving a connection or a
+// few that costs more than giving way: a signal, the processor taken from
+// the loop and got back, and the monitor, woken from its deep sleep by
+// that, looking every 20 µs for a while. With the loop giving way every
+// 8 ms, at one connection, context switches fell from 2.4-2.5 to 2.0 a
+// request (HAProxy: 1.8-1.9) and meshd's CPU time per request by a tenth
+// to a fifth.
+const quietYield = 8 * time.Millisecond
+
+// quietNext reports whether a loop that last gave way at gaveAt gives way
+// at now, a quiet moment (times on the loops' clock).
+func quietNext(gaveAt, now int64) bool { return now-gaveAt >= int64(quietYield) }
+
 // loopYield is runtime.Gosched; tests count the calls.
 var loopYield = runtime.Gosched
 
@@ -514,6 +530,7 @@ func (l *loop) run() {
 	}
 	msec, last, spun := 0, 0, 0
 	yieldAt, batches := monoNow(), 0
+	gaveAt := yieldAt // when the loop last gave way
 	for {
 		var n int
 		var err error
@@ -577,6 +594,7 @@ func (l *loop) run() {
 		if yieldNext(yieldAt, now, batches) {
 			loopYield()
 			yieldAt, batches = monoNow(), 0
+			gaveAt = yieldAt
 		}
 		switch {
 		case n == 0 && msec == 0 && spinNext(last, spun):
@@ -599,6 +617,10 @@ func (l *loop) run() {
 			if n > 0 {
 				last, spun = n, 0
 			}
+			if quietNext(gaveAt, now) {
+				loopYield()
+				gaveAt = monoNow()
+			}
 			msec = 1000
 			if l.nextDue != maxTime {
 				msec = int(min((l.nextDue-now)/int64(time.Millisecond)+1, 1000))
@@ -608,6 +630,7 @@ func (l *loop) run() {
 				// usual policy and wait before the next request comes.
 				msec = min(msec, max(int((l.busyAt+int64(batchQuiet)-now)/int64(time.Millisecond))+1, 1))
 			}
+			msec = max(msec, 0) // (-1 would wait for ever)
 		}
 	}
 }

@@ -786,20 +786,43 @@ func countYields(t *testing.T) *atomic.Int64 {
 	return &n
 }
 
-// A loop serving one connection waits through the runtime after every
-// event, which lets the scheduler in: it never gives way on top of that.
-// (On a loop locked to its thread, each Gosched is a hand-over to another
-// thread and back; counted in batches, one request in 16 paid for one.)
-func TestEventLoopOneConnectionDoesNotYield(t *testing.T) {
+func TestQuietNextIsATime(t *testing.T) {
+	at := int64(100 * time.Second)
+	q := int64(quietYield)
+	for _, c := range []struct {
+		now  int64
+		want bool
+	}{{at, false}, {at + q - 1, false}, {at + q, true}, {at + 100*q, true}} {
+		if got := quietNext(at, c.now); got != c.want {
+			t.Errorf("quietNext(%v after) = %v, want %v", time.Duration(c.now-at), got, c.want)
+		}
+	}
+	if quietYield >= 10*time.Millisecond {
+		t.Errorf("quietYield %v: the runtime preempts a goroutine after 10 ms; the loop must give way before", quietYield)
+	}
+}
+
+// A loop serving one connection gives way by the clock (quietYield), not
+// by its requests: on a loop locked to its thread each Gosched is a
+// hand-over to another thread and back, and counted in batches one
+// request in 16 paid for one.
+func TestEventLoopOneConnectionYieldsByTheClock(t *testing.T) {
 	yields := countYields(t)
 	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)))
-	engineOf(t, s)
+	e := engineOf(t, s)
 	const each = 2000
+	began := time.Now()
 	if n := hammer(t, s, 1, each, nil); n != each {
 		t.Fatalf("%d requests answered, want %d", n, each)
 	}
-	if y := yields.Load(); y != 0 {
-		t.Fatalf("the loops gave way %d times over %d requests on one connection, want none", y, each)
+	took := time.Since(began)
+	y := yields.Load()
+	most := int64(len(e.loops)) * (int64(took/quietYield) + 1)
+	if y > most {
+		t.Fatalf("the loops gave way %d times over %d requests on one connection in %v, want at most %d (one per %v per loop)", y, each, took, most, quietYield)
+	}
+	if took >= 3*quietYield && y == 0 {
+		t.Fatalf("the loops never gave way over %v of requests on one connection; the runtime would preempt them", took)
 	}
 }
 

@@ -56,6 +56,8 @@ type engine struct {
 	stopOnce sync.Once
 	// batch: busy loops run as SCHED_BATCH (proxy.event_loop_batch).
 	batch bool
+	// yield is loopYield as it was when the engine started.
+	yield func(why int)
 	// native counts the answers the loops passed on themselves (counted
 	// before the head goes out), handed the requests they gave to the
 	// goroutine path (before it has them).
@@ -81,7 +83,7 @@ var loopsPerEngine = sync.OnceValue(func() int {
 
 // newEngine starts one loop per usable core.
 func newEngine(s *Sidecar) (*engine, error) {
-	e := &engine{s: s, batch: s.cfg.Load().Proxy.EventLoopBatchOn()}
+	e := &engine{s: s, batch: s.cfg.Load().Proxy.EventLoopBatchOn(), yield: loopYield}
 	n := loopsPerEngine()
 	for i := 0; i < n; i++ {
 		l, err := newLoop(e)
@@ -94,10 +96,14 @@ func newEngine(s *Sidecar) (*engine, error) {
 		}
 		e.loops = append(e.loops, l)
 	}
+	var running sync.WaitGroup
 	for _, l := range e.loops {
 		e.wg.Add(1)
-		go l.run()
+		running.Add(1)
+		go l.run(running.Done)
 	}
+	// Each loop is on its thread (l.tid) before the engine serves.
+	running.Wait()
 	s.log.Info("event loops started", "loops", n, "gomaxprocs", runtime.GOMAXPROCS(0))
 	return e, nil
 }
@@ -422,48 +428,59 @@ const spinBatch = 2
 // spun the empty looks since.
 func spinNext(last, spun int) bool { return last >= spinBatch && spun < spinPolls }
 
-// A loop gives way (runtime.Gosched) once it has gone yieldEvery and
-// yieldBatches batches of events without letting the scheduler in. A loop
-// that waits through the runtime (unix.EpollWait) lets it in each time;
-// one kept busy waits raw or not at all, and would hold its processor
-// until the runtime's monitor preempts it after 10 ms. Goroutines readied
-// on that processor are taken by the spare one (the runtime has one more
-// than there are loops), so this is a backstop, and a dear one: on a loop
-// locked to its thread, giving way is a hand-over to another thread and
-// back, five futex calls. Counted in batches alone, and not reset by the
-// waits, it fell on one request in 16 at one connection, whose loop waits
-// through the runtime after every event anyway; by time alone (2 ms) it
-// came three times as often as that under 64 connections.
+// A loop gives way (runtime.Gosched) on either of two rules, checked
+// after every turn:
+//
+//   - busy: it has handled yieldBatches batches of events and gone
+//     yieldEvery without waiting through the runtime (unix.EpollWait).
+//     While a loop waits there, the runtime's monitor hands its processor
+//     to another thread if goroutines are queued on it; a loop kept busy
+//     waits raw or not at all, and its queue would wait for the spare
+//     processor (the runtime has one more than there are loops) to steal
+//     it. Counted in batches alone, and not reset by the waits, this fell
+//     on one request in 16 at one connection; by time alone (2 ms) it
+//     came three times as often as that under 64 connections.
+//   - clock: quietYield has passed since it last gave way, whatever it
+//     did meanwhile. A wait through the runtime is not a pass through the
+//     scheduler, and the monitor preempts a goroutine that has not made
+//     one for 10 ms, waits in the kernel included. On a loop serving a
+//     connection or a few that costs more than giving way: a signal, the
+//     processor taken from the loop and got back, and the monitor, woken
+//     from its deep sleep by that, looking every 20 µs for a while. With
+//     the loop giving way every 8 ms, at one connection, context switches
+//     fell from 2.4-2.5 to 2.0 a request (HAProxy: 1.8-1.9).
+//
+// Giving way is dear on a loop locked to its thread: a hand-over to
+// another thread and back, five futex calls.
 const (
 	yieldEvery   = 2 * time.Millisecond
 	yieldBatches = 32
+	quietYield   = 8 * time.Millisecond
 )
 
-// yieldNext reports whether a loop that last let the scheduler in at
-// yieldAt, and has handled batches of events since, gives way at now
-// (times on the loops' clock).
-func yieldNext(yieldAt, now int64, batches int) bool {
-	return batches >= yieldBatches && now-yieldAt >= int64(yieldEvery)
+// Why a loop gives way.
+const (
+	yieldNone = iota
+	yieldBusy
+	yieldClock
+)
+
+// yieldNext says whether, and why, a loop gives way at now: it last
+// waited through the runtime at waitedAt and has handled batches of
+// events since, and last gave way at gaveAt (times on the loops' clock).
+func yieldNext(waitedAt, gaveAt, now int64, batches int) int {
+	switch {
+	case batches >= yieldBatches && now-waitedAt >= int64(yieldEvery):
+		return yieldBusy
+	case now-gaveAt >= int64(quietYield):
+		return yieldClock
+	}
+	return yieldNone
 }
 
-// quietYield is how long a loop may go without giving way before it does
-// so at its next quiet moment, waiting or not. The runtime's monitor
-// preempts a goroutine that has not been through the scheduler for 10 ms,
-// waits in the kernel included, and on a loop serving a connection or a
-// few that costs more than giving way: a signal, the processor taken from
-// the loop and got back, and the monitor, woken from its deep sleep by
-// that, looking every 20 µs for a while. With the loop giving way every
-// 8 ms, at one connection, context switches fell from 2.4-2.5 to 2.0 a
-// request (HAProxy: 1.8-1.9) and meshd's CPU time per request by a tenth
-// to a fifth.
-const quietYield = 8 * time.Millisecond
-
-// quietNext reports whether a loop that last gave way at gaveAt gives way
-// at now, a quiet moment (times on the loops' clock).
-func quietNext(gaveAt, now int64) bool { return now-gaveAt >= int64(quietYield) }
-
-// loopYield is runtime.Gosched; tests count the calls.
-var loopYield = runtime.Gosched
+// loopYield is what a loop gives way with: runtime.Gosched, and why. Each
+// engine takes the value when it starts; tests count the calls.
+var loopYield = func(int) { runtime.Gosched() }
 
 // batchQuiet is how long a loop stays SCHED_BATCH after its last busy
 // batch: long enough that a loop under load does not switch back and
@@ -514,7 +531,8 @@ func (l *loop) schedule() {
 	l.batchOn = want
 }
 
-func (l *loop) run() {
+// run is the loop's goroutine; it calls running once it is on its thread.
+func (l *loop) run(running func()) {
 	defer l.e.wg.Done()
 	if l.e.batch {
 		// The policy belongs to the thread: the loop keeps its own. (A
@@ -528,9 +546,12 @@ func (l *loop) run() {
 			}
 		}()
 	}
+	running()
 	msec, last, spun := 0, 0, 0
-	yieldAt, batches := monoNow(), 0
-	gaveAt := yieldAt // when the loop last gave way
+	// When the loop last waited through the runtime, the batches of
+	// events it has handled since, and when it last gave way.
+	waitedAt, batches := monoNow(), 0
+	gaveAt := waitedAt
 	for {
 		var n int
 		var err error
@@ -541,7 +562,7 @@ func (l *loop) run() {
 			n, err = l.waitRaw(msec)
 		default:
 			n, err = unix.EpollWait(l.ep, l.events, msec)
-			yieldAt, batches = monoNow(), 0
+			waitedAt, batches = monoNow(), 0
 		}
 		if err != nil && err != unix.EINTR {
 			l.e.s.log.Error("event loop stopped", "err", err)
@@ -591,10 +612,13 @@ func (l *loop) run() {
 		if n > 0 {
 			batches++
 		}
-		if yieldNext(yieldAt, now, batches) {
-			loopYield()
-			yieldAt, batches = monoNow(), 0
-			gaveAt = yieldAt
+		if why := yieldNext(waitedAt, gaveAt, now, batches); why != yieldNone {
+			l.e.yield(why)
+			// Giving way may take a while: what comes next counts
+			// from its end.
+			now = monoNow()
+			l.now = now
+			waitedAt, gaveAt, batches = now, now, 0
 		}
 		switch {
 		case n == 0 && msec == 0 && spinNext(last, spun):
@@ -611,15 +635,9 @@ func (l *loop) run() {
 		default:
 			// A quiet moment, or a lone event (after which a look
 			// without waiting finds nothing, as a rule, and would cost
-			// a system call for nothing): wait in the kernel. (The
-			// runtime gives the processor to other goroutines while
-			// the loop waits.)
+			// a system call for nothing): wait in the kernel.
 			if n > 0 {
 				last, spun = n, 0
-			}
-			if quietNext(gaveAt, now) {
-				loopYield()
-				gaveAt = monoNow()
 			}
 			msec = 1000
 			if l.nextDue != maxTime {
@@ -629,8 +647,15 @@ func (l *loop) run() {
 				// Wake when the quiet spell ends, to go back to the
 				// usual policy and wait before the next request comes.
 				msec = min(msec, max(int((l.busyAt+int64(batchQuiet)-now)/int64(time.Millisecond))+1, 1))
+				// A raw wait is no pass through the scheduler
+				// either: wake to give way (clock rule) before the
+				// runtime's monitor would preempt the loop.
+				msec = min(msec, int((quietYield-time.Duration(now-gaveAt))/time.Millisecond)+1)
 			}
-			msec = max(msec, 0) // (-1 would wait for ever)
+			// A timer due while the loop gave way: look at once (the
+			// sweep at the top of the next turn sees to it); -1 would
+			// wait for ever.
+			msec = max(msec, 0)
 		}
 	}
 }

@@ -749,52 +749,32 @@ func TestEventLoopSpinsOnlyWhenBusy(t *testing.T) {
 	}
 }
 
-func TestYieldNextIsATime(t *testing.T) {
+func TestYieldNextRules(t *testing.T) {
 	at := int64(100 * time.Second)
-	every := int64(yieldEvery)
+	every, quiet := int64(yieldEvery), int64(quietYield)
 	cases := []struct {
-		now     int64
-		batches int
-		want    bool
+		waited, gave, now int64
+		batches           int
+		want              int
 	}{
-		{at, 100, false},
-		{at + every - 1, 100, false},
-		{at + every, yieldBatches, true},
-		{at + 50*every, 1000, true},
-		{at + 50*every, yieldBatches - 1, false},
-		// One batch between waits through the runtime: never.
-		{at + 50*every, 1, false},
-		{at + 50*every, 0, false},
+		// Busy: enough batches and long enough without a wait through
+		// the runtime.
+		{at, at, at + every, yieldBatches, yieldBusy},
+		{at, at, at + every - 1, 1000, yieldNone},
+		{at, at, at + every, yieldBatches - 1, yieldNone},
+		// A loop that waits through the runtime after every batch (one
+		// connection) never gives way for being busy...
+		{at, at, at + 2*every, 1, yieldNone},
+		// ...but by the clock, once quietYield has passed since it
+		// last gave way, whatever it did meanwhile.
+		{at + quiet - 1, at, at + quiet, 0, yieldClock},
+		{at + 5*quiet, at, at + 5*quiet, 1, yieldClock},
+		{at, at, at + quiet - 1, 0, yieldNone},
 	}
 	for _, c := range cases {
-		if got := yieldNext(at, c.now, c.batches); got != c.want {
-			t.Errorf("yieldNext(%v after, %d batches) = %v, want %v", time.Duration(c.now-at), c.batches, got, c.want)
-		}
-	}
-	if yieldEvery >= 10*time.Millisecond {
-		t.Errorf("yieldEvery %v: no shorter than the runtime's own preemption", yieldEvery)
-	}
-}
-
-// countYields makes the loops count the times they give way, for the
-// sidecars the test starts after it.
-func countYields(t *testing.T) *atomic.Int64 {
-	var n atomic.Int64
-	old := loopYield
-	loopYield = func() { n.Add(1); runtime.Gosched() }
-	t.Cleanup(func() { loopYield = old })
-	return &n
-}
-
-func TestQuietNextIsATime(t *testing.T) {
-	at := int64(100 * time.Second)
-	q := int64(quietYield)
-	for _, c := range []struct {
-		now  int64
-		want bool
-	}{{at, false}, {at + q - 1, false}, {at + q, true}, {at + 100*q, true}} {
-		if got := quietNext(at, c.now); got != c.want {
-			t.Errorf("quietNext(%v after) = %v, want %v", time.Duration(c.now-at), got, c.want)
+		if got := yieldNext(c.waited, c.gave, c.now, c.batches); got != c.want {
+			t.Errorf("yieldNext(waited %v ago, gave way %v ago, %d batches) = %d, want %d",
+				time.Duration(c.now-c.waited), time.Duration(c.now-c.gave), c.batches, got, c.want)
 		}
 	}
 	if quietYield >= 10*time.Millisecond {
@@ -802,8 +782,31 @@ func TestQuietNextIsATime(t *testing.T) {
 	}
 }
 
+// yieldCounts counts the times loops gave way, by rule.
+type yieldCounts struct{ busy, clock atomic.Int64 }
+
+// countYields makes the loops of the sidecars the test starts after it
+// count the times they give way.
+func countYields(t *testing.T) *yieldCounts {
+	var n yieldCounts
+	old := loopYield
+	loopYield = func(why int) {
+		switch why {
+		case yieldBusy:
+			n.busy.Add(1)
+		case yieldClock:
+			n.clock.Add(1)
+		default:
+			t.Errorf("a loop gave way for no reason (%d)", why)
+		}
+		runtime.Gosched()
+	}
+	t.Cleanup(func() { loopYield = old })
+	return &n
+}
+
 // A loop serving one connection gives way by the clock (quietYield), not
-// by its requests: on a loop locked to its thread each Gosched is a
+// for its requests: on a loop locked to its thread each Gosched is a
 // hand-over to another thread and back, and counted in batches one
 // request in 16 paid for one.
 func TestEventLoopOneConnectionYieldsByTheClock(t *testing.T) {
@@ -816,18 +819,23 @@ func TestEventLoopOneConnectionYieldsByTheClock(t *testing.T) {
 		t.Fatalf("%d requests answered, want %d", n, each)
 	}
 	took := time.Since(began)
-	y := yields.Load()
-	most := int64(len(e.loops)) * (int64(took/quietYield) + 1)
-	if y > most {
-		t.Fatalf("the loops gave way %d times over %d requests on one connection in %v, want at most %d (one per %v per loop)", y, each, took, most, quietYield)
+	if b := yields.busy.Load(); b != 0 {
+		t.Fatalf("the loops gave way %d times for being busy over %d requests on one connection, want none", b, each)
 	}
-	if took >= 3*quietYield && y == 0 {
+	// The loop serving the connection once per quietYield; each idle
+	// loop once per wait, a second at most, and once on the way in.
+	c := yields.clock.Load()
+	most := int64(took/quietYield) + 2 + int64(len(e.loops)-1)*(int64(took/time.Second)+2)
+	if c > most {
+		t.Fatalf("the loops gave way %d times by the clock over %v on one connection, want at most %d", c, took, most)
+	}
+	if took >= 3*quietYield && c == 0 {
 		t.Fatalf("the loops never gave way over %v of requests on one connection; the runtime would preempt them", took)
 	}
 }
 
-// A loop kept busy still gives way now and then, so that it never holds
-// its processor until the runtime preempts it.
+// A loop kept busy gives way for being busy, so that goroutines queued
+// on its processor do not wait for the spare one.
 func TestEventLoopBusyYields(t *testing.T) {
 	yields := countYields(t)
 	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)))
@@ -836,13 +844,13 @@ func TestEventLoopBusyYields(t *testing.T) {
 	done := make(chan int64, 1)
 	go func() { done <- hammer(t, s, 16, 50000, stop) }()
 	deadline := time.After(20 * time.Second)
-	for yields.Load() == 0 {
+	for yields.busy.Load() == 0 {
 		select {
 		case n := <-done:
-			t.Fatalf("no loop gave way while 16 connections sent %d requests", n)
+			t.Fatalf("no loop gave way for being busy while 16 connections sent %d requests", n)
 		case <-deadline:
 			close(stop)
-			t.Fatalf("no loop gave way in 20 s under 16 connections (%d requests answered)", <-done)
+			t.Fatalf("no loop gave way for being busy in 20 s under 16 connections (%d requests answered)", <-done)
 		case <-time.After(time.Millisecond):
 		}
 	}

@@ -96,14 +96,10 @@ func newEngine(s *Sidecar) (*engine, error) {
 		}
 		e.loops = append(e.loops, l)
 	}
-	var running sync.WaitGroup
 	for _, l := range e.loops {
 		e.wg.Add(1)
-		running.Add(1)
-		go l.run(running.Done)
+		go l.run()
 	}
-	// Each loop is on its thread (l.tid) before the engine serves.
-	running.Wait()
 	s.log.Info("event loops started", "loops", n, "gomaxprocs", runtime.GOMAXPROCS(0))
 	return e, nil
 }
@@ -237,7 +233,8 @@ type loop struct {
 	stopped bool
 
 	cmdStop, cmdPool atomic.Bool
-	// tid is the loop's thread while it runs locked to one (with batch).
+	// tid is the loop's thread while it runs locked to one (while it is
+	// SCHED_BATCH); 0 otherwise.
 	tid atomic.Int32
 
 	// The rest belongs to the loop's goroutine.
@@ -450,8 +447,8 @@ func spinNext(last, spun int) bool { return last >= spinBatch && spun < spinPoll
 //     the loop giving way every 8 ms, at one connection, context switches
 //     fell from 2.4-2.5 to 2.0 a request (HAProxy: 1.8-1.9).
 //
-// Giving way is dear on a loop locked to its thread: a hand-over to
-// another thread and back, five futex calls.
+// Giving way is dear on a loop locked to its thread (while SCHED_BATCH,
+// see schedule): a hand-over to another thread and back, five futex calls.
 const (
 	yieldEvery   = 2 * time.Millisecond
 	yieldBatches = 32
@@ -515,38 +512,53 @@ func setBatch(on bool) error {
 var setPolicy = setBatch
 
 // schedule puts the loop's thread in the policy its load asks for
-// (l.recent). Only with the engine's batch, whose loops are locked to
-// their threads.
+// (l.recent). Only with the engine's batch.
+//
+// The policy belongs to the thread, so a loop is locked to its thread
+// while it is SCHED_BATCH, and only then: no SCHED_BATCH thread goes back
+// to the runtime, and a loop that is not busy gives way (loopYield) at
+// the price of a goroutine switch on its own thread. Locked, giving way
+// is a hand-over to another thread and back: at one connection, locked
+// loops made 800-850 futex calls a second against 270-300 unlocked, and
+// took a tenth more CPU time per request.
 func (l *loop) schedule() {
 	want := l.recent
 	if want == l.batchOn || l.batchErr {
 		return
 	}
+	if want {
+		runtime.LockOSThread()
+		l.tid.Store(int32(unix.Gettid()))
+	}
 	if err := setPolicy(want); err != nil {
 		// Seccomp profiles may refuse it: the loop serves as it is.
+		// (A thread that stays SCHED_BATCH stays locked, and ends
+		// with the loop.)
 		l.batchErr = true
 		l.e.s.log.Warn("event loop: cannot change its scheduling policy; staying as it is", "batch", want, "err", err)
+		if want {
+			l.tid.Store(0)
+			runtime.UnlockOSThread()
+		}
 		return
 	}
 	l.batchOn = want
+	if !want {
+		l.tid.Store(0)
+		runtime.UnlockOSThread()
+	}
 }
 
-// run is the loop's goroutine; it calls running once it is on its thread.
-func (l *loop) run(running func()) {
+func (l *loop) run() {
 	defer l.e.wg.Done()
-	if l.e.batch {
-		// The policy belongs to the thread: the loop keeps its own. (A
-		// goroutine that ends locked takes its thread with it, so no
-		// SCHED_BATCH thread goes back to the runtime.)
-		runtime.LockOSThread()
-		l.tid.Store(int32(unix.Gettid()))
-		defer func() {
-			if l.batchOn {
-				setBatch(false) // before the engine counts the loop ended
-			}
-		}()
-	}
-	running()
+	defer func() {
+		if l.batchOn {
+			// Before the engine counts the loop ended. The loop ends
+			// locked to its thread (schedule), which takes the thread
+			// with it whether this works or not.
+			setBatch(false)
+		}
+	}()
 	msec, last, spun := 0, 0, 0
 	// When the loop last waited through the runtime, the batches of
 	// events it has handled since, and when it last gave way.

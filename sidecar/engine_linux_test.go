@@ -984,15 +984,41 @@ func hammer(t *testing.T, s *Sidecar, conns, max int, stop <-chan struct{}) int6
 	return answered.Load()
 }
 
-// A busy loop runs as SCHED_BATCH, and goes back to the usual policy once
-// its load is gone.
+// batchThreads lists the threads of the process that are SCHED_BATCH.
+func batchThreads(t *testing.T) []int {
+	t.Helper()
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, task := range tasks {
+		var tid int
+		fmt.Sscan(task.Name(), &tid)
+		if a, err := unix.SchedGetAttr(tid, 0); err == nil && a.Policy == unix.SCHED_BATCH {
+			out = append(out, tid)
+		}
+	}
+	return out
+}
+
+// unlocked reports whether no loop holds a thread of its own.
+func unlocked(ps []int) bool {
+	for _, p := range ps {
+		if p != -1 {
+			return false
+		}
+	}
+	return true
+}
+
+// A busy loop runs as SCHED_BATCH, locked to its thread, and once its
+// load is gone puts the thread back to the usual policy and lets it go.
 func TestEventLoopBatchesOnlyWhileBusy(t *testing.T) {
 	s := start(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)))
 	e := engineOf(t, s)
-	for _, p := range loopPolicies(t, e) {
-		if p != unix.SCHED_NORMAL {
-			t.Fatalf("loop policies before any load: %v, want all %d", loopPolicies(t, e), unix.SCHED_NORMAL)
-		}
+	if ps := loopPolicies(t, e); !unlocked(ps) {
+		t.Fatalf("loop policies before any load: %v, want no loop on a thread of its own", ps)
 	}
 	stop := make(chan struct{})
 	done := make(chan int64, 1)
@@ -1017,18 +1043,15 @@ func TestEventLoopBatchesOnlyWhileBusy(t *testing.T) {
 	// Idle, each loop wakes when its quiet spell (batchQuiet) ends and
 	// goes back.
 	deadline := time.Now().Add(5 * time.Second)
-	for {
-		normal := true
-		for _, p := range loopPolicies(t, e) {
-			normal = normal && p == unix.SCHED_NORMAL
-		}
-		if normal {
-			break
-		}
+	for !unlocked(loopPolicies(t, e)) {
 		if time.Now().After(deadline) {
-			t.Fatalf("loops still %v 5 s after the load ended, want all %d", loopPolicies(t, e), unix.SCHED_NORMAL)
+			t.Fatalf("loops still %v 5 s after the load ended, want none on a thread of its own", loopPolicies(t, e))
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	// The threads they let go went back to the usual policy first.
+	if b := batchThreads(t); len(b) > 0 {
+		t.Fatalf("threads %v are SCHED_BATCH after every loop let its thread go", b)
 	}
 }
 
@@ -1039,21 +1062,11 @@ func TestEventLoopBatchOff(t *testing.T) {
 	if n := hammer(t, s, 16, 300, nil); n != 16*300 {
 		t.Fatalf("%d requests answered, want %d", n, 16*300)
 	}
-	for _, p := range loopPolicies(t, e) {
-		if p != -1 {
-			t.Fatalf("loop policies %v: with event_loop_batch false no loop should hold a thread of its own", loopPolicies(t, e))
-		}
+	if ps := loopPolicies(t, e); !unlocked(ps) {
+		t.Fatalf("loop policies %v: with event_loop_batch false no loop should hold a thread of its own", ps)
 	}
-	tasks, err := os.ReadDir("/proc/self/task")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, task := range tasks {
-		var tid int
-		fmt.Sscan(task.Name(), &tid)
-		if a, err := unix.SchedGetAttr(tid, 0); err == nil && a.Policy == unix.SCHED_BATCH {
-			t.Fatalf("thread %d is SCHED_BATCH (nice %d) with event_loop_batch false", tid, a.Nice)
-		}
+	if b := batchThreads(t); len(b) > 0 {
+		t.Fatalf("threads %v are SCHED_BATCH with event_loop_batch false", b)
 	}
 }
 
@@ -1075,9 +1088,10 @@ func TestEventLoopBatchRefused(t *testing.T) {
 	if c := int(calls.Load()); c == 0 || c > len(e.loops) || warned != c {
 		t.Fatalf("%d refused changes and %d warnings under load, want 1-%d of each, equal; log:\n%s", c, warned, len(e.loops), log.String())
 	}
-	for _, p := range loopPolicies(t, e) {
-		if p != unix.SCHED_NORMAL {
-			t.Fatalf("loop policies %v after a refused change, want all %d", loopPolicies(t, e), unix.SCHED_NORMAL)
-		}
+	if ps := loopPolicies(t, e); !unlocked(ps) {
+		t.Fatalf("loop policies %v after a refused change, want no loop on a thread of its own", ps)
+	}
+	if b := batchThreads(t); len(b) > 0 {
+		t.Fatalf("threads %v are SCHED_BATCH after a refused change", b)
 	}
 }

@@ -233,8 +233,9 @@ type loop struct {
 	stopped bool
 
 	cmdStop, cmdPool atomic.Bool
-	// tid is the loop's thread while it runs locked to one (while it is
-	// SCHED_BATCH); 0 otherwise.
+	// tid is the loop's thread while it runs locked to one (from just
+	// before it becomes SCHED_BATCH to just after it is back, or for
+	// good if going back failed); 0 otherwise, and once the loop ended.
 	tid atomic.Int32
 
 	// The rest belongs to the loop's goroutine.
@@ -492,9 +493,12 @@ func batchNext(busyAt, now int64) bool {
 }
 
 // setBatch makes the calling thread SCHED_BATCH (on) or SCHED_OTHER,
-// keeping its nice value, with SCHED_RESET_ON_FORK so that no thread it
-// starts inherits the policy. A thread may move between the two policies
-// without privilege.
+// keeping its nice value, with SCHED_RESET_ON_FORK (which resets a child's
+// negative nice value, not SCHED_BATCH: a thread the caller starts would
+// inherit the policy). A thread may move between the two policies without
+// privilege. The caller must be locked to its thread (LockOSThread): the
+// runtime then starts no thread from it (it uses its template thread),
+// and the thread goes back to the runtime only once unlocked.
 func setBatch(on bool) error {
 	policy := uintptr(unix.SCHED_NORMAL)
 	if on {
@@ -516,8 +520,9 @@ var setPolicy = setBatch
 //
 // The policy belongs to the thread, so a loop is locked to its thread
 // while it is SCHED_BATCH, and only then: no SCHED_BATCH thread goes back
-// to the runtime, and a loop that is not busy gives way (loopYield) at
-// the price of a goroutine switch on its own thread. Locked, giving way
+// to the runtime or starts one (see setBatch), and a loop that is not
+// busy gives way (loopYield) at the price of a goroutine switch, usually
+// on its own thread. Locked, giving way
 // is a hand-over to another thread and back: at one connection, locked
 // loops made 800-850 futex calls a second against 270-300 unlocked, and
 // took a tenth more CPU time per request.
@@ -549,6 +554,8 @@ func (l *loop) schedule() {
 	}
 }
 
+// run is the loop's goroutine: it waits for events and serves them until
+// the engine stops it.
 func (l *loop) run() {
 	defer l.e.wg.Done()
 	defer func() {
@@ -558,6 +565,7 @@ func (l *loop) run() {
 			// with it whether this works or not.
 			setBatch(false)
 		}
+		l.tid.Store(0)
 	}()
 	msec, last, spun := 0, 0, 0
 	// When the loop last waited through the runtime, the batches of

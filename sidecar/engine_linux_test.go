@@ -879,7 +879,7 @@ func TestBatchNextFollowsLoad(t *testing.T) {
 }
 
 // setBatch changes the calling thread's policy and nothing else: its nice
-// value stays, and threads it starts do not inherit the policy.
+// value stays, and reset-on-fork is set.
 func TestSetBatchKeepsNiceAndResetsOnFork(t *testing.T) {
 	errs := make(chan error, 1)
 	go func() {
@@ -890,7 +890,11 @@ func TestSetBatchKeepsNiceAndResetsOnFork(t *testing.T) {
 			errs <- fmt.Errorf("getpriority: %w", err)
 			return
 		}
-		errs <- func() error {
+		var result error
+		// Sent once the thread is as it was, or for good locked: no
+		// later test finds a SCHED_BATCH thread of this one's.
+		defer func() { errs <- result }()
+		result = func() error {
 			if err := unix.Setpriority(unix.PRIO_PROCESS, tid, 7); err != nil {
 				return fmt.Errorf("setpriority: %w", err)
 			}
@@ -1067,6 +1071,66 @@ func TestEventLoopBatchOff(t *testing.T) {
 	}
 	if b := batchThreads(t); len(b) > 0 {
 		t.Fatalf("threads %v are SCHED_BATCH with event_loop_batch false", b)
+	}
+}
+
+// A loop whose thread cannot be put back to the usual policy keeps the
+// thread locked (so that no SCHED_BATCH thread goes back to the runtime),
+// warns once, and goes on serving; the thread ends with the loop.
+func TestEventLoopBatchCannotGoBack(t *testing.T) {
+	var refused atomic.Int32
+	old := setPolicy
+	setPolicy = func(on bool) error {
+		if on {
+			return nil // (the thread's policy is left as it is)
+		}
+		refused.Add(1)
+		return unix.EPERM
+	}
+	t.Cleanup(func() { setPolicy = old })
+	var log syncBuf
+	s := startLogged(t, fmt.Sprintf("discovery: {static: {p: [%s]}}\nupstreams: {p: {}}\nlog: {access: false}\n", rawBackend(t)), &log)
+	e := engineOf(t, s)
+	stop := make(chan struct{})
+	done := make(chan int64, 1)
+	go func() { done <- hammer(t, s, 16, 20000, stop) }()
+	// Wait for a loop to take a thread, then for the load to go and
+	// the loop to try to go back.
+	for deadline := time.Now().Add(20 * time.Second); unlocked(loopPolicies(t, e)); {
+		if time.Now().After(deadline) {
+			close(stop)
+			t.Fatalf("no loop took a thread under 16 connections (%d requests answered)", <-done)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(stop)
+	<-done
+	holding := func() int {
+		n := 0
+		for _, p := range loopPolicies(t, e) {
+			if p != -1 {
+				n++
+			}
+		}
+		return n
+	}
+	// Each loop holding a thread tries to go back once its quiet spell
+	// is over, once (it does not ask again), and keeps the thread.
+	held := holding()
+	for deadline := time.Now().Add(5 * time.Second); int(refused.Load()) != held; held = holding() {
+		if time.Now().After(deadline) {
+			t.Fatalf("5 s after the load, %d loops tried to go back to the usual policy and %d hold a thread (policies %v); want as many", refused.Load(), held, loopPolicies(t, e))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if held == 0 {
+		t.Fatal("no loop holds its thread after failing to go back")
+	}
+	if w := strings.Count(log.String(), "cannot change its scheduling policy"); w != held {
+		t.Fatalf("%d warnings for %d loops that could not go back; log:\n%s", w, held, log.String())
+	}
+	if n := hammer(t, s, 4, 200, nil); n != 4*200 {
+		t.Fatalf("%d requests answered after a loop could not go back, want %d", n, 4*200)
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -799,7 +800,7 @@ func countYields(t *testing.T) *yieldCounts {
 		default:
 			t.Errorf("a loop gave way for no reason (%d)", why)
 		}
-		runtime.Gosched()
+		old(why)
 	}
 	t.Cleanup(func() { loopYield = old })
 	return &n
@@ -831,6 +832,123 @@ func TestEventLoopOneConnectionYieldsByTheClock(t *testing.T) {
 	}
 	if took >= 3*quietYield && c == 0 {
 		t.Fatalf("the loops never gave way over %v of requests on one connection; the runtime would preempt them", took)
+	}
+}
+
+// sleepCount counts the times the process's threads have blocked in the
+// kernel (voluntary context switches), summed over the threads there were
+// when it was made. It reads them with raw system calls and without
+// allocating: a read through the runtime's system-call path that takes a
+// while, or a collection, would wake threads of its own.
+type sleepCount struct {
+	fds []int
+	buf [4096]byte
+}
+
+func newSleepCount(t *testing.T) *sleepCount {
+	t.Helper()
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &sleepCount{}
+	for _, task := range tasks {
+		fd, err := unix.Open("/proc/self/task/"+task.Name()+"/status", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			continue // the thread has ended
+		}
+		c.fds = append(c.fds, fd)
+	}
+	t.Cleanup(func() {
+		for _, fd := range c.fds {
+			unix.Close(fd)
+		}
+	})
+	return c
+}
+
+var voluntary = []byte("\nvoluntary_ctxt_switches:")
+
+func (c *sleepCount) now() int64 {
+	var total int64
+	for _, fd := range c.fds {
+		n, _, errno := unix.RawSyscall6(unix.SYS_PREAD64, uintptr(fd), uintptr(unsafe.Pointer(&c.buf[0])), uintptr(len(c.buf)), 0, 0, 0)
+		if errno != 0 {
+			continue // the thread has ended
+		}
+		b := c.buf[:n]
+		i := bytes.Index(b, voluntary)
+		if i < 0 {
+			continue
+		}
+		var v int64
+		for _, d := range bytes.TrimLeft(b[i+len(voluntary):], " \t") {
+			if d < '0' || d > '9' {
+				break
+			}
+			v = v*10 + int64(d-'0')
+		}
+		total += v
+	}
+	return total
+}
+
+// Giving way by the clock wakes no other thread: runtime.Gosched would
+// wake an idle processor's thread each time, to look for work there is
+// none of, and that thread would go back to sleep. The yields alternate
+// with runtime.Gosched ones, and the threads' sleeps in the gap after
+// each are put down to it, so that the process's other sleeps (the
+// runtime's monitor, say) fall on both alike and the test cannot pass
+// where Gosched wakes nothing either.
+func TestClockYieldWakesNoThread(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(4)) // idle processors to wake
+	// Yields far enough apart for a woken thread to find nothing and
+	// sleep again, as a loop's are (quietYield): back to back, a thread
+	// woken by one would find the next.
+	const n, gap = 300, 200 * time.Microsecond
+	kinds := []struct {
+		name  string
+		yield func()
+	}{
+		{"runtime.Gosched", runtime.Gosched},
+		{"the clock rule", func() { loopYield(yieldClock) }},
+		{"the busy rule", func() { loopYield(yieldBusy) }},
+	}
+	for range 20 { // the threads the yields will wake, made beforehand
+		runtime.Gosched()
+		for began := time.Now(); time.Since(began) < gap; {
+		}
+	}
+	sleeps := newSleepCount(t)
+	// Where the machine is busy, woken threads may not get to run between
+	// two yields: the next wake-up finds one still looking and wakes no
+	// other. Up to five tries then, for a comparison to make.
+	var got []int64
+	for try := 0; try < 5 && (got == nil || got[0] < n/2); try++ {
+		got = make([]int64, len(kinds))
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for i := range n * len(kinds) {
+				k := i % len(kinds)
+				before := sleeps.now()
+				kinds[k].yield()
+				for began := time.Now(); time.Since(began) < gap; {
+				}
+				got[k] += sleeps.now() - before
+			}
+		}()
+		<-done
+		t.Logf("%d yields each; threads' sleeps after them: %d with runtime.Gosched, %d by the clock rule, %d by the busy rule", n, got[0], got[1], got[2])
+	}
+	if got[0] < n/2 {
+		t.Skipf("runtime.Gosched made only %d sleeps in %d calls: nothing to compare with", got[0], n)
+	}
+	if got[1]*2 > got[0] {
+		t.Errorf("giving way by the clock made %d threads' sleeps in %d calls (runtime.Gosched: %d), want few", got[1], n, got[0])
+	}
+	if got[2]*2 < got[0] {
+		t.Errorf("giving way for being busy made %d threads' sleeps in %d calls (runtime.Gosched: %d): it must wake a thread for the goroutines queued behind the loop", got[2], n, got[0])
 	}
 }
 

@@ -404,6 +404,11 @@ type etry struct {
 	lines, xf bool
 	out       http.Request
 	url       url.URL
+	// lean holds the request's span and context when telemetry starts
+	// them on its lean path (most requests, when tracing samples few):
+	// no heap objects of their own. Reused with the try, so nothing may
+	// hold them past endRequest; a try handed over never comes back.
+	lean telemetry.LeanRoom
 }
 
 // spinPolls is how many times in a row a busy loop looks again, giving
@@ -1259,7 +1264,12 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	start := time.Now()
 	u.requests.Add(1)
 	u.lastUsed.Store(start.UnixNano())
-	ctx, span := s.tel.StartServer(context.Background(), req, "")
+	// The try is taken here, for its room for the span (x.lean). When the
+	// request goes no further on the loop (no pick, no admission), x is
+	// not reused: the goroutine path that answers takes the span and
+	// context, which may live in it.
+	x := l.newTry()
+	ctx, span := s.tel.StartServerIn(context.Background(), req, "", &x.lean)
 	// (A sampled request is served here too: its spans are started and
 	// ended by the same calls forward makes.)
 	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span, ctx: ctx} }
@@ -1310,7 +1320,6 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 		return nil, begun()
 	}
 	g.RequestStarted()
-	x := l.newTry()
 	x.c, x.req, x.span, x.g, x.dedicated, x.deadline = c, req, span, g, dedicated, maxTime
 	x.lines, x.xf = lines, xf
 	x.ex = exchange{s: s, w: &c.w, r: req, u: u, start: start, ctx: ctx, snap: snap, tries: 1, instance: ep.ID}

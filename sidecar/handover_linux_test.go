@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -363,6 +364,70 @@ func TestCallersTracestateFollowsItsTrace(t *testing.T) {
 					t.Errorf("the instance got traceparent %q", tp)
 				}
 			})
+		}
+	}
+}
+
+// Requests the sampler drops keep their spans in the loop's try (see
+// etry.lean), which the next request on the connection reuses: each must
+// still go to the instance with a traceparent of its own, and be logged
+// with that trace, not a later request's.
+func TestEventLoopDroppedTracesInTheTry(t *testing.T) {
+	ri := newRawInstance(t, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	zero := 0.0
+	tel, err := telemetry.NewTestProvider(tracetest.NewSpanRecorder(), telemetry.Config{SampleRatio: &zero})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tel.Shutdown(context.Background()) })
+	cfg, err := parseConfig(fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\nlog: {access: true}\n", ri.ln.Addr()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs syncBuf
+	s := startWithTelemetry(t, cfg, slog.New(slog.NewTextHandler(&logs, nil)), tel)
+	waitReady(t, s)
+	engineOf(t, s)
+	c := dialRaw(t, s)
+	const n = 5
+	for i := range n {
+		c.send(fmt.Sprintf("GET /r%d HTTP/1.1\r\nHost: svc\r\n\r\n", i))
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("request %d: %d %q", i, resp.StatusCode, body)
+		}
+	}
+	heads := ri.seen()
+	if len(heads) != n {
+		t.Fatalf("the instance saw %d requests, want %d", len(heads), n)
+	}
+	traces := map[string]bool{}
+	for i, h := range heads {
+		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(h)))
+		if err != nil {
+			t.Fatalf("request %d to the instance: %v", i, err)
+		}
+		tp := req.Header.Values("Traceparent")
+		parts := strings.Split(strings.Join(tp, ""), "-")
+		if len(tp) != 1 || len(parts) != 4 || parts[0] != "00" || len(parts[1]) != 32 || len(parts[2]) != 16 || parts[3] != "00" {
+			t.Fatalf("request %d (%s) went with traceparent %q, want one, not sampled", i, req.URL.Path, tp)
+		}
+		if traces[parts[1]] {
+			t.Fatalf("request %d went with trace %s, as an earlier one did", i, parts[1])
+		}
+		traces[parts[1]] = true
+		// The access line is written when the request ends, before the
+		// next one starts in the same try.
+		if want := fmt.Sprintf("path=/r%d status=200", i); !strings.Contains(logs.String(), want) {
+			t.Fatalf("no access line with %q in:\n%s", want, logs.String())
+		}
+		found := false
+		for _, line := range strings.Split(logs.String(), "\n") {
+			if strings.Contains(line, fmt.Sprintf("path=/r%d ", i)) {
+				found = strings.Contains(line, "trace_id="+parts[1])
+			}
+		}
+		if !found {
+			t.Errorf("request %d's access line does not name its trace %s:\n%s", i, parts[1], logs.String())
 		}
 	}
 }

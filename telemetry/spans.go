@@ -105,6 +105,14 @@ var (
 // lean.go). When tracing is off (or p is nil) it returns ctx unchanged and a
 // no-op span. Safe for concurrent use. Finish the span with EndServer.
 func (p *Provider) StartServer(ctx context.Context, r *http.Request, route string) (context.Context, trace.Span) {
+	return p.StartServerIn(ctx, r, route, nil)
+}
+
+// StartServerIn is StartServer, with room for the span and its context
+// when the request takes the lean path (see LeanRoom): then neither is a
+// heap object of its own. room may be nil. Safe for concurrent use with
+// distinct rooms.
+func (p *Provider) StartServerIn(ctx context.Context, r *http.Request, route string, room *LeanRoom) (context.Context, trace.Span) {
 	if p == nil || !p.tracing {
 		return ctx, noop.Span{}
 	}
@@ -115,7 +123,7 @@ func (p *Provider) StartServer(ctx context.Context, r *http.Request, route strin
 	}
 	var span trace.Span
 	if p.lean {
-		sctx, lean, did := p.startLean(ctx, r.Header, name)
+		sctx, lean, did := p.startLean(ctx, r.Header, name, room)
 		switch did {
 		case leanDone:
 			return sctx, lean

@@ -681,13 +681,21 @@ func TestErrorTypeFromRealConnections(t *testing.T) {
 // same in the request's context, in the line and in the access log, and
 // nothing recorded.
 func TestDroppedRootSpanWithoutSDK(t *testing.T) {
+	t.Run("heap", func(t *testing.T) { testDroppedRootSpan(t, nil) })
+	t.Run("room", func(t *testing.T) { testDroppedRootSpan(t, new(LeanRoom)) })
+}
+
+func testDroppedRootSpan(t *testing.T, room *LeanRoom) {
 	zero := 0.0
 	p, rec := newRecorded(t, Config{SampleRatio: &zero})
 	in := inbound(http.MethodGet, "/")
 	in.Header.Set("tracestate", "vendor=stale") // without traceparent: ignored
-	ctx, srv := p.StartServer(context.Background(), in, "payments")
+	ctx, srv := p.StartServerIn(context.Background(), in, "payments", room)
 	if _, ok := srv.(*leanSpan); !ok {
 		t.Fatalf("server span: want the lean span, have %T", srv)
+	}
+	if inRoom := room != nil && srv == trace.Span(&room.span); inRoom != (room != nil) {
+		t.Fatalf("server span in the room: %v, want %v", inRoom, room != nil)
 	}
 	sc := srv.SpanContext()
 	if srv.IsRecording() || !sc.IsValid() || sc.IsSampled() || sc.IsRemote() {
@@ -723,6 +731,48 @@ func TestDroppedRootSpanWithoutSDK(t *testing.T) {
 	AccessLog(slog.New(slog.NewTextHandler(&buf, nil)), ctx, Access{Upstream: "payments", Status: 200})
 	if want := "trace_id=" + sc.TraceID().String(); !strings.Contains(buf.String(), want) {
 		t.Errorf("access log: want %s in %q", want, buf.String())
+	}
+}
+
+// The lean path's span and context in a LeanRoom: found as
+// trace.ContextWithSpan's would be, the parent's values still there, no
+// allocation for the whole request's spans, and a new span each time the
+// room is used again.
+func TestLeanRoom(t *testing.T) {
+	if !roomsWork {
+		t.Fatalf("the trace package's span key was not found (%v): rooms are not used, and the lean path allocates", spanKey)
+	}
+	zero := 0.0
+	p, _ := newRecorded(t, Config{SampleRatio: &zero})
+	type key struct{}
+	parent := context.WithValue(context.Background(), key{}, "v")
+	in := inbound(http.MethodGet, "/")
+	out := outbound(t, context.Background(), http.MethodGet, "http://127.0.0.1:9001/")
+	var room LeanRoom
+	ctx, srv := p.StartServerIn(parent, in, "payments", &room)
+	if srv != trace.Span(&room.span) || trace.SpanFromContext(ctx) != srv {
+		t.Fatalf("want the room's span in the room's context; have %T, context's %T", srv, trace.SpanFromContext(ctx))
+	}
+	if ctx.Value(key{}) != "v" {
+		t.Error("the room's context lost its parent's value")
+	}
+	first := srv.SpanContext()
+	ctx2, srv2 := p.StartServerIn(parent, in, "payments", &room)
+	if srv2.SpanContext().Equal(first) || !trace.SpanContextFromContext(ctx2).Equal(srv2.SpanContext()) {
+		t.Errorf("the room used again: span context %v, context's %v, first %v", srv2.SpanContext(), trace.SpanContextFromContext(ctx2), first)
+	}
+	allocs := testing.AllocsPerRun(200, func() {
+		ctx, srv := p.StartServerIn(parent, in, "payments", &room)
+		_, cl := p.StartAttempt(ctx, out, Attempt{Upstream: "payments"})
+		EndAttempt(cl, 200, "")
+		EndServer(srv, 200, "")
+	})
+	if allocs != 0 {
+		t.Errorf("a dropped request's spans in a room: %v allocations, want 0", allocs)
+	}
+	// (srv2 is the room's span: it now holds the last request's IDs.)
+	if sc, tp := srv2.SpanContext(), out.Header.Get("traceparent"); sc.Equal(first) || tp != fmt.Sprintf("00-%s-%s-00", sc.TraceID(), sc.SpanID()) {
+		t.Errorf("the last attempt's traceparent %q does not name the room's last span %v", tp, sc)
 	}
 }
 

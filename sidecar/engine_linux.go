@@ -1265,14 +1265,19 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	u.requests.Add(1)
 	u.lastUsed.Store(start.UnixNano())
 	// The try is taken here, for its room for the span (x.lean). When the
-	// request goes no further on the loop (no pick, no admission), x is
-	// not reused: the goroutine path that answers takes the span and
-	// context, which may live in it.
+	// request goes no further on the loop (no pick, no admission), the
+	// goroutine path that answers takes the span and context along: x is
+	// not reused if they live in it.
 	x := l.newTry()
 	ctx, span := s.tel.StartServerIn(context.Background(), req, "", &x.lean)
 	// (A sampled request is served here too: its spans are started and
 	// ended by the same calls forward makes.)
-	begun := func() *started { return &started{u: u, start: start, dedicated: dedicated, span: span, ctx: ctx} }
+	begun := func() *started {
+		if !x.lean.Holds(span) {
+			l.putTry(x)
+		}
+		return &started{u: u, start: start, dedicated: dedicated, span: span, ctx: ctx}
+	}
 	hdr := l.header()
 	if !c.peerSet {
 		c.peer, c.peerSet = remoteIP(req), true
@@ -2005,6 +2010,11 @@ func (l *loop) endRequest(x *etry) {
 		clear(h)
 		l.hdrs = append(l.hdrs, h)
 	}
+	l.putTry(x)
+}
+
+// putTry clears x and keeps it for newTry. Nothing may use x after.
+func (l *loop) putTry(x *etry) {
 	if len(l.free) < 256 {
 		*x = etry{}
 		l.free = append(l.free, x)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/meshd/meshd/telemetry"
 )
@@ -429,5 +430,173 @@ func TestEventLoopDroppedTracesInTheTry(t *testing.T) {
 		if !found {
 			t.Errorf("request %d's access line does not name its trace %s:\n%s", i, parts[1], logs.String())
 		}
+	}
+}
+
+// accessKeeper is a log handler that keeps what it is given: each access
+// line's trace ID as logged, and the context, read again only later (as a
+// handler that writes in the background would).
+type accessKeeper struct {
+	mu   sync.Mutex
+	tids map[string][]string // path -> trace IDs logged
+	ctxs map[string]context.Context
+}
+
+func (h *accessKeeper) Enabled(context.Context, slog.Level) bool { return true }
+func (h *accessKeeper) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *accessKeeper) WithGroup(string) slog.Handler            { return h }
+func (h *accessKeeper) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message != "access" {
+		return nil
+	}
+	var path, tid string
+	r.Attrs(func(a slog.Attr) bool {
+		switch a.Key {
+		case "path":
+			path = a.Value.String()
+		case "trace_id":
+			tid = a.Value.String()
+		}
+		return true
+	})
+	h.mu.Lock()
+	h.tids[path] = append(h.tids[path], tid)
+	h.ctxs[path] = ctx
+	h.mu.Unlock()
+	return nil
+}
+
+// Requests the sampler drops, some served on the loop and some handed to
+// the goroutine path (a slow answer past the try's timeout, a 503 retried,
+// a chunked answer, an instance whose breaker is open), pipelined on
+// several connections: each is sent to the instance with its own trace and
+// logged with that trace, and the context the log handler kept still names
+// it after the loop has reused the request's memory for others.
+func TestEventLoopDroppedTracesHandedOver(t *testing.T) {
+	var mu sync.Mutex
+	seen := map[string][]string{} // path -> trace IDs the instance got
+	var retried sync.Map
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		tid := "none"
+		if parts := strings.Split(r.Header.Get("Traceparent"), "-"); len(parts) == 4 {
+			tid = parts[1]
+		}
+		mu.Lock()
+		seen[r.URL.Path] = append(seen[r.URL.Path], tid)
+		mu.Unlock()
+		switch {
+		case strings.HasPrefix(r.URL.Path, "/slow/"):
+			time.Sleep(30 * time.Millisecond)
+		case strings.HasPrefix(r.URL.Path, "/r503/"):
+			if _, again := retried.LoadOrStore(r.URL.Path, true); !again {
+				w.WriteHeader(503)
+				return
+			}
+		case strings.HasPrefix(r.URL.Path, "/chunk/"):
+			w.(http.Flusher).Flush()
+		}
+		io.WriteString(w, "ok")
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := ln.Addr().String() // refuses connections once closed
+	ln.Close()
+	zero := 0.0
+	tel, err := telemetry.NewTestProvider(tracetest.NewSpanRecorder(), telemetry.Config{SampleRatio: &zero})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tel.Shutdown(context.Background()) })
+	cfg, err := parseConfig(fmt.Sprintf(`discovery: {static: {svc: [%s], dead: [%s]}}
+upstreams:
+  svc: {timeouts: {per_try: 10ms}, retry: {backoff_base: 1ms, backoff_max: 1ms}}
+  dead: {breaker: {consecutive_failures: 1, open_for: 10s}, retry: {disabled: true}}
+log: {access: true}
+`, b.addr(), dead))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &accessKeeper{tids: map[string][]string{}, ctxs: map[string]context.Context{}}
+	s := startWithTelemetry(t, cfg, slog.New(h), tel)
+	waitReady(t, s)
+	e := engineOf(t, s)
+	kinds := []string{"ok", "ok", "ok", "slow", "r503", "chunk", "dead"}
+	const conns, per, burst = 4, 28, 4
+	var wg sync.WaitGroup
+	for ci := range conns {
+		c := dialRaw(t, s)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < per; i += burst {
+				var sb strings.Builder
+				for j := i; j < i+burst; j++ {
+					k := kinds[(ci+j)%len(kinds)]
+					host := "svc"
+					if k == "dead" {
+						host = "dead"
+					}
+					fmt.Fprintf(&sb, "GET /%s/%d-%d HTTP/1.1\r\nHost: %s\r\n\r\n", k, ci, j, host)
+				}
+				if _, err := c.c.Write([]byte(sb.String())); err != nil {
+					t.Errorf("connection %d: %v", ci, err)
+					return
+				}
+				for range burst {
+					resp, err := http.ReadResponse(c.br, &http.Request{Method: "GET"})
+					if err != nil {
+						t.Errorf("connection %d: %v", ci, err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	// Every answer is read, but a request's access line may follow its
+	// answer: wait for all of them.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		h.mu.Lock()
+		n := len(h.tids)
+		h.mu.Unlock()
+		if n == conns*per || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(h.tids) != conns*per {
+		t.Fatalf("%d requests logged, want %d", len(h.tids), conns*per)
+	}
+	byTrace := map[string]string{}
+	for path, logged := range h.tids {
+		if len(logged) != 1 || len(logged[0]) != 32 {
+			t.Errorf("%s logged with traces %q, want one", path, logged)
+			continue
+		}
+		tid := logged[0]
+		if other, dup := byTrace[tid]; dup {
+			t.Errorf("%s and %s logged with the same trace %s", path, other, tid)
+		}
+		byTrace[tid] = path
+		for _, got := range seen[path] {
+			if got != tid {
+				t.Errorf("%s: the instance got trace %s, the access line says %s", path, got, tid)
+			}
+		}
+		if kept := trace.SpanContextFromContext(h.ctxs[path]).TraceID().String(); kept != tid {
+			t.Errorf("%s: the context the log handler kept names trace %s now, %s when logged", path, kept, tid)
+		}
+	}
+	if e.native.Load() == 0 || e.handed.Load() == 0 {
+		t.Errorf("requests served on the loop: %d, handed over: %d; want both", e.native.Load(), e.handed.Load())
 	}
 }

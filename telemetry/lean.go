@@ -89,11 +89,33 @@ func (*leanSpan) SetAttributes(...attribute.KeyValue)     {}
 // The context and span StartServerIn returns may point into the room: the
 // caller must be done with both, and with whatever it handed them to
 // (headers StartAttempt wrote included), before it starts another request
-// in the same room. The zero value is ready for use; a LeanRoom must not be
-// copied once used.
+// in the same room. AccessLog hands its logger a copy that does not point
+// into the room, since a log handler may keep the context it is given. The
+// zero value is ready for use; a LeanRoom must not be copied once used.
 type LeanRoom struct {
+	_    noCopy
 	span leanSpan
 	ctx  leanCtx
+}
+
+// Holds reports whether span lives in r: if not, nothing of the request
+// StartServerIn started is in the room, and the caller may reuse it at once.
+func (r *LeanRoom) Holds(span trace.Span) bool { return span == trace.Span(&r.span) }
+
+// noCopy makes go vet's copylocks check report a LeanRoom copied.
+type noCopy struct{}
+
+func (*noCopy) Lock()   {}
+func (*noCopy) Unlock() {}
+
+// outOfRoom returns ctx, or, when ctx is a LeanRoom's, a context with the
+// same parent and span context that does not change when the room is
+// reused (two allocations).
+func outOfRoom(ctx context.Context) context.Context {
+	if lc, ok := ctx.(*leanCtx); ok {
+		return trace.ContextWithSpanContext(lc.Context, lc.span.sc)
+	}
+	return ctx
 }
 
 // leanCtx is a context that carries span as its current span, in a
@@ -230,7 +252,9 @@ func (p *Provider) startLean(ctx context.Context, h http.Header, name string, ro
 		if len(b) != len(s.tp) {
 			panic("telemetry: traceparent is not 55 bytes") // the format is fixed; the array must hold it
 		}
-		// The line is the span's own bytes, which nothing writes again.
+		// The line is the span's own bytes, written again only when
+		// its LeanRoom is reused: by then the caller has dropped the
+		// header it was injected into (see LeanRoom).
 		s.traceparent[0] = unsafe.String(unsafe.SliceData(b), len(b))
 	}
 	if room != nil {

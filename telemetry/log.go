@@ -84,7 +84,11 @@ type Access struct {
 // status, duration_ms, attempts, bytes, error (only when set), trace_id,
 // span_id. It does nothing when l is nil or info is disabled.
 func AccessLog(l *slog.Logger, ctx context.Context, a Access) {
-	if l == nil || !l.Enabled(ctx, slog.LevelInfo) {
+	if l == nil {
+		return
+	}
+	ctx = outOfRoom(ctx) // the handler may keep it
+	if !l.Enabled(ctx, slog.LevelInfo) {
 		return
 	}
 	var buf [11]slog.Attr

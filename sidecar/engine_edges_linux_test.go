@@ -505,4 +505,17 @@ func TestLoopClock(t *testing.T) {
 	if a, b := monoNow(), monoNow(); b < a {
 		t.Fatalf("the clock went back: %d then %d", a, b)
 	}
+	// monoNow (the monotonic clock alone) and mono(time.Now()) are one
+	// clock: monoNow may run behind by the slack of its epoch, never ahead.
+	if monoEpochSlack < 0 || monoEpochSlack > int64(time.Millisecond) {
+		t.Fatalf("epoch slack %v", time.Duration(monoEpochSlack))
+	}
+	for i := 0; i < 1000; i++ {
+		a := monoNow()
+		m := mono(time.Now())
+		b := monoNow()
+		if a > m || m > b+monoEpochSlack {
+			t.Fatalf("monoNow %d, then mono(time.Now()) %d, then monoNow %d (slack %d): not one clock", a, m, b, monoEpochSlack)
+		}
+	}
 }

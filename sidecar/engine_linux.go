@@ -306,9 +306,26 @@ const maxTime = int64(1<<63 - 1)
 // monoEpoch and offset by monoBase so that 0 still means "never": a step
 // of the wall clock (NTP, a VM resumed) must not expire every deadline or
 // cut every connection at once, nor hold them past their time.
-var monoEpoch = time.Now()
+//
+// monoNow reads the runtime's monotonic clock (nanotime) alone and counts
+// from monoEpochNano, a reading taken just after monoEpoch's own;
+// monoEpochSlack is the span of the two readings around time.Now in init,
+// a fraction of a microsecond. So monoNow runs behind mono(time.Now()) by
+// at most that: a deadline is found a hair late, never early.
+var (
+	monoEpoch      time.Time
+	monoEpochNano  int64
+	monoEpochSlack int64
+)
 
 const monoBase = int64(1) << 40
+
+func init() {
+	before := nanotime()
+	monoEpoch = time.Now()
+	monoEpochNano = nanotime()
+	monoEpochSlack = monoEpochNano - before
+}
 
 // mono is t on the loops' clock; saturates at maxTime.
 func mono(t time.Time) int64 {
@@ -319,8 +336,23 @@ func mono(t time.Time) int64 {
 	return d + monoBase
 }
 
-// monoNow is the loops' clock now.
-func monoNow() int64 { return mono(time.Now()) }
+// monoNow is the loops' clock now. time.Now would read the wall clock as
+// well: two readings of about 33 ns each on the bench machine, where the
+// loop takes this one four times a request at one connection.
+func monoNow() int64 {
+	d := nanotime() - monoEpochNano
+	if d > maxTime-monoBase {
+		return maxTime
+	}
+	return d + monoBase
+}
+
+// nanotime is the runtime's monotonic clock, the one time.Time's
+// monotonic readings hold (so that monoNow and mono agree). The runtime
+// keeps it for use by linkname.
+//
+//go:linkname nanotime runtime.nanotime
+func nanotime() int64
 
 // poke wakes the loop, unless it has stopped (its eventfd is closed, and
 // the number may belong to another file by now).
@@ -605,6 +637,7 @@ func (l *loop) run() {
 	for {
 		var n int
 		var err error
+		waited := false
 		switch {
 		case msec == 0:
 			n, err = l.pollNow()
@@ -612,18 +645,24 @@ func (l *loop) run() {
 			n, err = l.waitRaw(msec)
 		default:
 			n, err = unix.EpollWait(l.ep, l.events, msec)
-			waitedAt, batches = monoNow(), 0
+			waited = true
 		}
 		if err != nil && err != unix.EINTR {
 			l.e.s.log.Error("event loop stopped", "err", err)
 			l.shutdown()
 			return
 		}
+		// The clock is read once a turn, after the wait, and again after
+		// a batch of more than one event: a lone event takes microseconds,
+		// and what the time is used for after it (timers, giving way,
+		// the next wait's length) counts in milliseconds.
+		now := monoNow()
+		l.now = now
+		if waited {
+			waitedAt, batches = now, 0
+		}
 		for i := 0; i < n; i++ {
 			ev := l.events[i]
-			if i == 0 {
-				l.now = monoNow()
-			}
 			if int(ev.Fd) == l.wake {
 				if l.woken() {
 					return
@@ -641,10 +680,10 @@ func (l *loop) run() {
 				}
 			}
 		}
-		now := monoNow()
-		// (Also for what the sweeps below do: after a wait that timed
-		// out, l.now would be as old as the last event.)
-		l.now = now
+		if n >= spinBatch {
+			now = monoNow()
+			l.now = now
+		}
 		if now >= l.nextDue {
 			l.sweep(now)
 		}

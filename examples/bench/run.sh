@@ -314,6 +314,41 @@ report=$work/report.md
         printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, (hr ? sprintf("%.2f", mr / hr) : "-"), (nr ? sprintf("%.2f", mr / nr) : "-"), (dr ? sprintf("%.2f", mr / dr) : "-"), (med[s, "haproxy", "p50"] ? sprintf("%.2f", med[s, "meshd", "p50"] / med[s, "haproxy", "p50"]) : "-"), (med[s, "haproxy", "p99"] ? sprintf("%.2f", med[s, "meshd", "p99"] / med[s, "haproxy", "p99"]) : "-"), (med[s, "haproxy", "cpr"] ? sprintf("%.2f", med[s, "meshd", "cpr"] / med[s, "haproxy", "cpr"]) : "-")
       }
     }' "$results"
+  # Round by round: meshd against HAProxy in the same round (they ran a few
+  # seconds apart), so that a ratio near 1 can be told from a difference
+  # the host's swings hide. The sign test counts the rounds meshd was
+  # ahead; its p is the chance of a count as lopsided if neither were.
+  if [[ " $TARGETS " == *" meshd "* && " $TARGETS " == *" haproxy "* ]]; then
+    echo
+    echo "Round by round, meshd against HAProxy in the same round: the median of the rounds' ratios (lowest-highest); the rounds in which meshd was ahead (more rps, lower latency) and behind, ties left out; and a two-sided sign test's p on those counts (below 0.05: more than the rounds' noise)."
+    echo
+    echo "| scenario | rps ratio | ahead/behind | p | p50 ratio | ahead/behind | p | p99 ratio | ahead/behind | p |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    awk -F'\t' '
+      function median(arr, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }; return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2 }
+      function choose(n, k,   r, i) { r = 1; for (i = 1; i <= k; i++) r = r * (n - k + i) / i; return r }
+      function sign_p(k, n,   m, i, t) { m = (k > n - k) ? k : n - k; t = 0; for (i = m; i <= n; i++) t += choose(n, i); t = 2 * t / 2 ^ n; return t > 1 ? 1 : t }
+      function cell(s, f, lower,   i, m, a, lo, hi, k, b, r, rd) {
+        m = 0; k = 0; b = 0
+        for (i = 1; i <= nr[s]; i++) {
+          rd = rounds[s, i]
+          if (!((s, "haproxy", rd, f) in v) || !((s, "meshd", rd, f) in v) || v[s, "haproxy", rd, f] <= 0) continue
+          r = v[s, "meshd", rd, f] / v[s, "haproxy", rd, f]
+          a[++m] = r
+          if (m == 1 || r < lo) lo = r
+          if (m == 1 || r > hi) hi = r
+          if (lower ? r < 1 : r > 1) k++
+          else if (lower ? r > 1 : r < 1) b++
+        }
+        if (m == 0) return "- | - | -"
+        # Ties (equal figures) count for neither side.
+        return sprintf("%.2f (%.2f-%.2f) | %d/%d | %.3f", median(a, m), lo, hi, k, b, (k + b > 0 ? sign_p(k, k + b) : 1))
+      }
+      { s = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB"); v[s, $1, $4, "rps"] = $5; v[s, $1, $4, "p50"] = $6; v[s, $1, $4, "p99"] = $7
+        if (!((s, $4) in seenr)) { seenr[s, $4] = 1; rounds[s, ++nr[s]] = $4 }
+        if (!(s in seen)) { seen[s] = 1; order[++k] = s } }
+      END { for (j = 1; j <= k; j++) { s = order[j]; printf "| %s | %s | %s | %s |\n", s, cell(s, "rps", 0), cell(s, "p50", 1), cell(s, "p99", 1) } }' "$results"
+  fi
   # Any answer meshd gave other than 200, by status, from its own metrics:
   # wrk only counts them, meshd says which they were.
   if [[ " $TARGETS " == *" meshd "* ]]; then

@@ -309,23 +309,21 @@ const maxTime = int64(1<<63 - 1)
 //
 // monoNow reads the runtime's monotonic clock (nanotime) alone and counts
 // from monoEpochNano, a reading taken just after monoEpoch's own;
-// monoEpochSlack is the span of the two readings around time.Now in init,
-// a fraction of a microsecond. So monoNow runs behind mono(time.Now()) by
-// at most that: a deadline is found a hair late, never early.
-var (
-	monoEpoch      time.Time
-	monoEpochNano  int64
-	monoEpochSlack int64
-)
+// monoEpochSlack is the span of the two readings around that time.Now, a
+// fraction of a microsecond. So monoNow runs behind mono(time.Now()) by
+// at most that: a deadline is found a hair late, never early. (Package
+// variables, not init: any variable whose initializer reads the loops'
+// clock is then set after these.)
+var monoEpoch, monoEpochNano, monoEpochSlack = monoStart()
+
+func monoStart() (epoch time.Time, nano, slack int64) {
+	before := nanotime()
+	epoch = time.Now()
+	nano = nanotime()
+	return epoch, nano, nano - before
+}
 
 const monoBase = int64(1) << 40
-
-func init() {
-	before := nanotime()
-	monoEpoch = time.Now()
-	monoEpochNano = nanotime()
-	monoEpochSlack = monoEpochNano - before
-}
 
 // mono is t on the loops' clock; saturates at maxTime.
 func mono(t time.Time) int64 {

@@ -507,7 +507,9 @@ func TestLoopClock(t *testing.T) {
 	}
 	// monoNow (the monotonic clock alone) and mono(time.Now()) are one
 	// clock: monoNow may run behind by the slack of its epoch, never ahead.
-	if monoEpochSlack < 0 || monoEpochSlack > int64(time.Millisecond) {
+	// (A second, not less: a loaded machine may deschedule the process
+	// between the epoch's readings.)
+	if monoEpochSlack < 0 || monoEpochSlack > int64(time.Second) {
 		t.Fatalf("epoch slack %v", time.Duration(monoEpochSlack))
 	}
 	for i := 0; i < 1000; i++ {

@@ -328,12 +328,14 @@ report=$work/report.md
       function median(arr, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }; return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2 }
       function choose(n, k,   r, i) { r = 1; for (i = 1; i <= k; i++) r = r * (n - k + i) / i; return r }
       function sign_p(k, n,   m, i, t) { m = (k > n - k) ? k : n - k; t = 0; for (i = m; i <= n; i++) t += choose(n, i); t = 2 * t / 2 ^ n; return t > 1 ? 1 : t }
-      function cell(s, f, lower,   i, m, a, lo, hi, k, b, r, rd) {
+      function cell(s, f, lower,   i, m, a, lo, hi, k, b, r, rd, hv, mv) {
         m = 0; k = 0; b = 0
         for (i = 1; i <= nr[s]; i++) {
           rd = rounds[s, i]
-          if (!((s, "haproxy", rd, f) in v) || !((s, "meshd", rd, f) in v) || v[s, "haproxy", rd, f] <= 0) continue
-          r = v[s, "meshd", rd, f] / v[s, "haproxy", rd, f]
+          # A round without a figure (wrk failed) counts for neither side.
+          hv = v[s, "haproxy", rd, f]; mv = v[s, "meshd", rd, f]
+          if (hv == "" || mv == "" || hv + 0 <= 0 || mv + 0 <= 0) continue
+          r = mv / hv
           a[++m] = r
           if (m == 1 || r < lo) lo = r
           if (m == 1 || r > hi) hi = r

@@ -254,10 +254,14 @@ run_one() { # target conns path round
   p50=$(to_ms "$(echo "$out" | awk '$1 == "50%" {print $2}')")
   p99=$(to_ms "$(echo "$out" | awk '$1 == "99%" {print $2}')")
   errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
+  # The same as a count: wrk counts such answers in its rates and
+  # latencies, so a round with any is left out of the round-by-round table.
+  local nerr
+  nerr=$(echo "$out" | awk '/Non-2xx or 3xx responses:/ {n += $NF} /Socket errors:/ {for (i = 3; i <= NF; i++) {v = $i; sub(/,$/, "", v); if (v ~ /^[0-9]+$/) n += v}} END {print n + 0}')
   local cpu; cpu=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v d="$DUR" 'BEGIN {printf "%.0f", (b-a)/hz/d*100}')
   # CPU per request: the proxy's CPU time over the requests wrk counted.
   local cpr; cpr=$(awk -v a="$c0" -v b="$c1" -v hz="$hz" -v n="$(echo "$out" | awk '/requests in/ {print $1}')" 'BEGIN {printf "%.1f", (n > 0 ? (b-a)/hz*1e6/n : 0)}')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" "$st" >> "$results"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$conns" "$path" "$round" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" "$st" "$nerr" >> "$results"
   [ -n "$errs" ] && echo "bench: $target c$conns $path: $errs" >&2
   printf '  round %s %-8s c=%-3s %-6s %10s rps  p50 %8s ms  p99 %8s ms  rss %6s KiB  cpu %4s%% %6s us/req  steal %3s%%\n' "$round" "$target" "$conns" "$path" "$rps" "$p50" "$p99" "$rss" "$cpu" "$cpr" "$st" >&2
 }
@@ -335,6 +339,8 @@ report=$work/report.md
           # A round without a figure (wrk failed) counts for neither side.
           hv = v[s, "haproxy", rd, f]; mv = v[s, "meshd", rd, f]
           if (hv == "" || mv == "" || hv + 0 <= 0 || mv + 0 <= 0) continue
+          # Nor does one in which either answered with errors.
+          if (er[s, "haproxy", rd] > 0 || er[s, "meshd", rd] > 0) continue
           r = mv / hv
           a[++m] = r
           if (m == 1 || r < lo) lo = r
@@ -346,10 +352,14 @@ report=$work/report.md
         # Ties (equal figures) count for neither side.
         return sprintf("%.2f (%.2f-%.2f) | %d/%d | %.3f", median(a, m), lo, hi, k, b, (k + b > 0 ? sign_p(k, k + b) : 1))
       }
-      { s = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB"); v[s, $1, $4, "rps"] = $5; v[s, $1, $4, "p50"] = $6; v[s, $1, $4, "p99"] = $7
+      { s = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB"); v[s, $1, $4, "rps"] = $5; v[s, $1, $4, "p50"] = $6; v[s, $1, $4, "p99"] = $7; er[s, $1, $4] = $12 + 0
+        if ($12 + 0 > 0) bad = bad sprintf("%s%s round %s (%s): %d", (bad == "" ? "" : "; "), $1, $4, s, $12)
         if (!((s, $4) in seenr)) { seenr[s, $4] = 1; rounds[s, ++nr[s]] = $4 }
         if (!(s in seen)) { seen[s] = 1; order[++k] = s } }
-      END { for (j = 1; j <= k; j++) { s = order[j]; printf "| %s | %s | %s | %s |\n", s, cell(s, "rps", 0), cell(s, "p50", 1), cell(s, "p99", 1) } }' "$results"
+      END {
+        for (j = 1; j <= k; j++) { s = order[j]; printf "| %s | %s | %s | %s |\n", s, cell(s, "rps", 0), cell(s, "p50", 1), cell(s, "p99", 1) }
+        printf "\nRounds in which wrk counted non-2xx answers or socket errors (left out above; wrk counts them in its rates and latencies): %s\n", (bad == "" ? "none" : bad)
+      }' "$results"
   fi
   # Any answer meshd gave other than 200, by status, from its own metrics:
   # wrk only counts them, meshd says which they were.

@@ -247,8 +247,9 @@ type loop struct {
 	inflight []*etry
 	free     []*etry
 	hdrs     []http.Header
-	now      int64 // when the batch of events at hand began, unix ns
-	nextDue  int64 // earliest handAt among inflight
+	now      int64     // when the batch of events at hand began (monoNow)
+	clk      turnClock // the turn's time.Now, for what requests record (reset with now)
+	nextDue  int64     // earliest handAt among inflight
 	lastIdle int64
 	busyAt   int64 // when a batch last held spinBatch events or more
 	recent   bool  // busyAt is within batchQuiet
@@ -656,6 +657,7 @@ func (l *loop) run() {
 		// the next wait's length) counts in milliseconds.
 		now := monoNow()
 		l.now = now
+		l.clk.reset()
 		if waited {
 			waitedAt, batches = now, 0
 		}
@@ -681,6 +683,7 @@ func (l *loop) run() {
 		if n >= spinBatch {
 			now = monoNow()
 			l.now = now
+			l.clk.reset()
 		}
 		if now >= l.nextDue {
 			l.sweep(now)
@@ -705,6 +708,7 @@ func (l *loop) run() {
 			// from its end.
 			now = monoNow()
 			l.now = now
+			l.clk.reset()
 			waitedAt, gaveAt, batches = now, now, 0
 		}
 		switch {
@@ -1298,7 +1302,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	if err != nil {
 		return nil, nil
 	}
-	start := time.Now()
+	start := l.clk.now()
 	u.requests.Add(1)
 	u.lastUsed.Store(start.UnixNano())
 	// The try is taken here, for its room for the span (x.lean). When the
@@ -1364,7 +1368,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	g.RequestStarted()
 	x.c, x.req, x.span, x.g, x.dedicated, x.deadline = c, req, span, g, dedicated, maxTime
 	x.lines, x.xf = lines, xf
-	x.ex = exchange{s: s, w: &c.w, r: req, u: u, start: start, ctx: ctx, snap: snap, tries: 1, instance: ep.ID}
+	x.ex = exchange{s: s, w: &c.w, r: req, u: u, start: start, ctx: ctx, snap: snap, tries: 1, instance: ep.ID, clk: &l.clk}
 	ep.MarkPicked(preq.Now)
 	var bd, td time.Time
 	if budget > 0 {
@@ -1373,7 +1377,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	}
 	rem := time.Duration(0)
 	if budget > 0 {
-		rem = max(time.Until(bd), time.Nanosecond)
+		rem = budget // start is the turn's now
 	}
 	if tt := rc.Timeouts.TryTimeout(rem); tt > 0 {
 		td = start.Add(tt)
@@ -1754,7 +1758,7 @@ func (l *loop) writeUp(u *upconn) {
 		l.rearm(u.fd, u.gen, u.events())
 	}
 	x.ot.sent = true
-	x.ot.written = time.Now()
+	x.ot.written = l.clk.now()
 	// From here the response header timeout counts.
 	if ht := x.g.Config().Timeouts.ResponseHeader; ht > 0 {
 		x.handAt = min(x.deadline, mono(x.ot.written.Add(ht)))
@@ -1892,7 +1896,7 @@ func (l *loop) answer(x *etry, data []byte) {
 		l.handOver(x)
 		return
 	}
-	now := time.Now()
+	now := l.clk.now()
 	ep := x.ot.ep
 	ep.ObserveLatencyAt(now.Sub(x.ot.t0), now.UnixNano(), balance.DecayOf(x.ex.snap.Policy))
 	x.o, x.status, x.head, x.left = o, st, true, length

@@ -1277,3 +1277,64 @@ func TestEventLoopBatchRefused(t *testing.T) {
 		t.Fatalf("threads %v are SCHED_BATCH after a refused change", b)
 	}
 }
+
+// sumOf returns the value of the first sample of name whose labels include
+// label, and whether there is one.
+func sumOf(text, name, label string) (float64, bool) {
+	for _, line := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(line, name+"{") || !strings.Contains(line, label) {
+			continue
+		}
+		f := strings.Fields(line)
+		var v float64
+		if _, err := fmt.Sscan(f[len(f)-1], &v); err == nil {
+			return v, true
+		}
+	}
+	return 0, false
+}
+
+// The loop times the requests it serves by its turn's clock: each time
+// it records is read once a turn, so a request's duration, its try's and
+// the instance's response time must still span the instance's delay and
+// no more than the client waited.
+func TestEventLoopTimesWhatItServes(t *testing.T) {
+	const delay = 30 * time.Millisecond
+	b := newBackend(t, "slow", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			time.Sleep(delay)
+		}
+		io.WriteString(w, "ok")
+	})
+	s, tel := startWithMetrics(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	var waited time.Duration
+	for _, path := range []string{"/slow", "/fast", "/slow", "/fast"} {
+		t0 := time.Now()
+		c.send("GET " + path + " HTTP/1.1\r\nHost: svc\r\n\r\n")
+		if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "ok" {
+			t.Fatalf("GET %s: %d %q", path, resp.StatusCode, body)
+		}
+		waited += time.Since(t0)
+	}
+	if n := e.native.Load(); n != 4 {
+		t.Fatalf("the loops answered %d of 4 GETs", n)
+	}
+	text := scrapeText(t, tel)
+	for _, name := range []string{"http_server_request_duration_seconds_sum", "http_client_request_duration_seconds_sum"} {
+		got, ok := sumOf(text, name, `meshd_upstream="svc"`)
+		if !ok {
+			t.Fatalf("no %s for svc in\n%s", name, text)
+		}
+		if d := time.Duration(got * float64(time.Second)); d < 2*delay || d > waited {
+			t.Errorf("%s = %v for two requests of %v each and four that took %v in all", name, d, delay, waited)
+		}
+	}
+	// The first answer, a slow one, sets the instance's average response
+	// time; the others fold in with a weight that grows with the time
+	// between them, a few milliseconds against a decay of seconds.
+	if d, ok := s.lookup("svc").pool.Load().Endpoints[0].Latency(); !ok || d < delay/2 || d > waited {
+		t.Errorf("the instance's response time is %v (%v), for a first answer of %v and four that took %v in all", d, ok, delay, waited)
+	}
+}

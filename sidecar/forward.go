@@ -402,11 +402,42 @@ type exchange struct {
 	snap     *balance.Snapshot // the instances when the request began
 	held     *heldAnswer       // the last failing answer a retry replaced
 	silent   bool              // the caller left: abort instead of answering
+	clk      *turnClock        // the event loop's, on the loop; nil reads time.Now
 	// wire is the status that went out, 0 if none: the access log keeps
 	// meshd's account (499 for a caller that left), spans and metrics
 	// report only a status sent, as the HTTP conventions ask.
 	wire int
 }
+
+// turnClock is an event loop's clock for the turn at hand: the time is
+// read when first asked for after reset (which the loop calls each time
+// its own monotonic clock moves on, after a wait or a batch), and the same
+// reading is given for the rest of the turn. A request served on the loop
+// so reads the clock once or twice, not six times; each time it is given
+// is off by at most the turn's work (microseconds at one connection, tens
+// of them in a busy batch), and a span between two of them is never
+// negative. The reading is time.Now's, wall and monotonic, so deadlines
+// and timestamps made from it mean what time.Now's would. Only the loop's
+// goroutine may use one; a nil *turnClock reads time.Now each time (the
+// goroutine path).
+type turnClock struct {
+	t  time.Time
+	ok bool
+}
+
+// now is the turn's time (time.Now for a nil c).
+func (c *turnClock) now() time.Time {
+	if c == nil {
+		return time.Now()
+	}
+	if !c.ok {
+		c.t, c.ok = time.Now(), true
+	}
+	return c.t
+}
+
+// reset begins a new turn: the next now reads the clock.
+func (c *turnClock) reset() { c.ok = false }
 
 // interimCtx is a request's context that carries what passes an
 // instance's informational (1xx) answers on to the caller: h1's client
@@ -468,7 +499,8 @@ func (ex *exchange) settleOpen(t *openTry) {
 func (ex *exchange) record(span trace.Span) {
 	u, r, m := ex.u, ex.r, metricsOf(ex.s.tel)
 	telemetry.EndServer(span, ex.wire, ex.errType)
-	m.ServerRequestDone(u.name, r.Method, ex.wire, ex.errType, time.Since(ex.start))
+	d := ex.clk.now().Sub(ex.start)
+	m.ServerRequestDone(u.name, r.Method, ex.wire, ex.errType, d)
 	if ex.wire >= 500 || ex.errType != "" && ex.errType != telemetry.ErrTypeCanceled && ex.wire < 400 {
 		// Once per request, however many tries failed: a 5xx sent, or
 		// an answer that broke off.
@@ -479,7 +511,7 @@ func (ex *exchange) record(span trace.Span) {
 	}
 	telemetry.AccessLog(ex.s.accessLogger(), ex.ctx, telemetry.Access{
 		Upstream: u.name, Instance: ex.instance, Method: r.Method, Path: r.URL.Path,
-		Status: ex.status, Duration: time.Since(ex.start), Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
+		Status: ex.status, Duration: d, Attempts: ex.tries, Bytes: ex.bytes, Err: ex.errMsg,
 	})
 }
 
@@ -533,7 +565,7 @@ func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), 
 		ep.Failures.Add(1)
 	}
 	telemetry.EndAttempt(aspan, status, kind)
-	m.RequestDone(ex.u.name, ep.ID, ep.Address, ex.r.Method, status, time.Since(t0), kind)
+	m.RequestDone(ex.u.name, ep.ID, ep.Address, ex.r.Method, status, ex.clk.now().Sub(t0), kind)
 	if m != nil && (ex.u.pool.Load() != ex.snap || ex.u.retired.Load()) {
 		// The instance, or the upstream, may have left while the try ran.
 		ex.u.settleMetrics(ep.ID)

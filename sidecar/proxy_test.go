@@ -796,3 +796,28 @@ func TestConnectAccessLineCountsTries(t *testing.T) {
 		t.Errorf("want a tunnel line with attempts=2 (the dead instance, then the live one):\n%s", l)
 	}
 }
+
+// A turn's clock gives one reading until it is reset; a nil one reads the
+// clock each time.
+func TestTurnClock(t *testing.T) {
+	var c turnClock
+	a := c.now()
+	for time.Since(a) <= 0 {
+		// the clock has to move on for the test to say anything
+	}
+	if b := c.now(); !b.Equal(a) {
+		t.Fatalf("the same turn gave %v, then %v", a, b)
+	}
+	c.reset()
+	if b := c.now(); !b.After(a) {
+		t.Fatalf("after reset the turn gave %v, not after %v", b, a)
+	}
+	var n *turnClock
+	x := n.now()
+	for time.Since(x) <= 0 {
+		// as above
+	}
+	if y := n.now(); !y.After(x) {
+		t.Fatalf("a nil turnClock gave %v, then %v", x, y)
+	}
+}

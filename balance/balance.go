@@ -131,18 +131,21 @@ func (s *Stats) ObserveLatency(d time.Duration, alpha float64) {
 // the number of samples: alpha = 1 - exp(-dt/decay), where dt is the time since
 // the previous sample. The average therefore reflects roughly the last decay
 // of traffic at any request rate, and the first sample after a long silence
-// mostly replaces a stale value. decay <= 0 means DefaultDecay. Lock-free.
+// mostly replaces a stale value. The time of the previous sample only moves
+// forward: a sample at or before it (one taken at the same instant, or one
+// whose caller read the clock earlier and got here later) has no weight,
+// and takes none from the next. decay <= 0 means DefaultDecay. Lock-free.
 func (s *Stats) ObserveLatencyAt(d time.Duration, now int64, decay time.Duration) {
 	if decay <= 0 {
 		decay = DefaultDecay
 	}
-	prev := s.obsAt.Swap(now)
+	prev := s.obsAt.Load()
+	for now > prev && !s.obsAt.CompareAndSwap(prev, now) {
+		prev = s.obsAt.Load()
+	}
 	alpha := 1.0
 	if prev != 0 {
-		dt := now - prev
-		if dt < 0 {
-			dt = 0
-		}
+		dt := max(now-prev, 0)
 		alpha = -math.Expm1(-float64(dt) / float64(decay))
 	}
 	s.ObserveLatency(d, alpha)

@@ -175,6 +175,18 @@ func TestObserveLatencyAt(t *testing.T) {
 	if d, _ := s.Latency(); math.Abs(float64(d)-want) > 1e3 {
 		t.Errorf("after one decay: want %.0fns, have %d", want, d)
 	}
+	// A sample from before the last one (its caller read the clock
+	// earlier) carries no weight, and the next one's weight still counts
+	// from the latest time seen, not from the earlier one.
+	before, _ := s.Latency()
+	s.ObserveLatencyAt(time.Second, now, decay)
+	if d, _ := s.Latency(); d != before {
+		t.Errorf("late sample from the past: want the average unchanged at %v, have %v", before, d)
+	}
+	s.ObserveLatencyAt(time.Second, now+int64(decay), decay)
+	if d, _ := s.Latency(); d != before {
+		t.Errorf("a sample at the latest time after a late one: want the average unchanged at %v, have %v", before, d)
+	}
 	// After a long silence a sample mostly replaces the average.
 	s.ObserveLatencyAt(10*time.Millisecond, now+int64(11*decay), decay)
 	if d, _ := s.Latency(); d > 11*time.Millisecond {

@@ -520,4 +520,13 @@ func TestLoopClock(t *testing.T) {
 			t.Fatalf("monoNow %d, then mono(time.Now()) %d, then monoNow %d (slack %d): not one clock", a, m, b, monoEpochSlack)
 		}
 	}
+	// A deadline from now counts from a fresh reading, and saturates.
+	a := monoNow()
+	d := monoAfter(time.Second)
+	if b := monoNow(); d < a+int64(time.Second) || d > b+int64(time.Second) {
+		t.Fatalf("monoAfter(1s) = %d, read between %d and %d", d, a, b)
+	}
+	if d := monoAfter(time.Duration(maxTime)); d != maxTime {
+		t.Fatalf("monoAfter past what the clock counts: %d, want maxTime", d)
+	}
 }

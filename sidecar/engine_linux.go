@@ -346,6 +346,18 @@ func monoNow() int64 {
 	return d + monoBase
 }
 
+// monoAfter is the loops' clock d from now, read afresh: a connect or
+// response-header deadline counts from when the loop dials or writes, not
+// from the turn clock's reading (see turnClock), which the turn's earlier
+// work may have aged. Saturates at maxTime.
+func monoAfter(d time.Duration) int64 {
+	now := monoNow()
+	if d > 0 && now > maxTime-int64(d) {
+		return maxTime
+	}
+	return now + int64(d)
+}
+
 // nanotime is the runtime's monotonic clock, the one time.Time's
 // monotonic readings hold (so that monoNow and mono agree). The runtime
 // keeps it for use by linkname.
@@ -646,11 +658,6 @@ func (l *loop) run() {
 			n, err = unix.EpollWait(l.ep, l.events, msec)
 			waited = true
 		}
-		if err != nil && err != unix.EINTR {
-			l.e.s.log.Error("event loop stopped", "err", err)
-			l.shutdown()
-			return
-		}
 		// The clock is read once a turn, after the wait, and again after
 		// a batch of more than one event: a lone event takes microseconds,
 		// and what the time is used for after it (timers, giving way,
@@ -658,6 +665,11 @@ func (l *loop) run() {
 		now := monoNow()
 		l.now = now
 		l.clk.reset()
+		if err != nil && err != unix.EINTR {
+			l.e.s.log.Error("event loop stopped", "err", err)
+			l.shutdown()
+			return
+		}
 		if waited {
 			waitedAt, batches = now, 0
 		}
@@ -1377,7 +1389,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	}
 	rem := time.Duration(0)
 	if budget > 0 {
-		rem = budget // start is the turn's now
+		rem = budget // what is left of it at start, where bd counts from
 	}
 	if tt := rc.Timeouts.TryTimeout(rem); tt > 0 {
 		td = start.Add(tt)
@@ -1507,7 +1519,7 @@ func fullHeader(x *etry) {
 func (l *loop) send(x *etry) {
 	rc := x.g.Config()
 	addr := x.ot.ep.Address
-	l.track(x, mono(x.ot.t0.Add(rc.Timeouts.Connect)))
+	l.track(x, monoAfter(rc.Timeouts.Connect))
 	l.reqBuf.Reset()
 	l.reqW.Reset(&l.reqBuf)
 	var lines []byte
@@ -1759,9 +1771,10 @@ func (l *loop) writeUp(u *upconn) {
 	}
 	x.ot.sent = true
 	x.ot.written = l.clk.now()
-	// From here the response header timeout counts.
+	// From here the response header timeout counts: from a fresh reading,
+	// not the turn's, which the turn's work before this may have aged.
 	if ht := x.g.Config().Timeouts.ResponseHeader; ht > 0 {
-		x.handAt = min(x.deadline, mono(x.ot.written.Add(ht)))
+		x.handAt = min(x.deadline, monoAfter(ht))
 	} else {
 		x.handAt = x.deadline
 	}

@@ -411,15 +411,19 @@ type exchange struct {
 
 // turnClock is an event loop's clock for the turn at hand: the time is
 // read when first asked for after reset (which the loop calls each time
-// its own monotonic clock moves on, after a wait or a batch), and the same
-// reading is given for the rest of the turn. A request served on the loop
-// so reads the clock once or twice, not six times; each time it is given
-// is off by at most the turn's work (microseconds at one connection, tens
-// of them in a busy batch), and a span between two of them is never
-// negative. The reading is time.Now's, wall and monotonic, so deadlines
-// and timestamps made from it mean what time.Now's would. Only the loop's
-// goroutine may use one; a nil *turnClock reads time.Now each time (the
-// goroutine path).
+// its own monotonic clock moves on: after a wait, after a batch, after
+// giving way), and the same reading is given for the rest of the turn. A
+// request served on the loop so takes two to four readings (its begin
+// and its answer are always in different turns), shared with the turn's
+// other requests, where it took six of its own. Each time given is early
+// by the turn's work before the ask: microseconds at one connection, up
+// to hundreds of them in a batch of many events, and more if the loop
+// stalls. A span between two of them is never negative. So the loop takes
+// from it what requests record (durations, the request's start and
+// budget, the instance's response time) and reads the clock afresh for
+// the deadlines of a dial and of an answer's head (monoAfter). The reading
+// is time.Now's, wall and monotonic. Only the loop's goroutine may use
+// one; a nil *turnClock reads time.Now each time (the goroutine path).
 type turnClock struct {
 	t  time.Time
 	ok bool

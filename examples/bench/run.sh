@@ -293,29 +293,42 @@ report=$work/report.md
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(go version | awk '{print $3}'), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}'), $("$NGINX" -v 2>&1 | sed 's/.*nginx\//nginx /'), wrk ${DUR}s x ${ROUNDS} rounds, targets in turns."
   echo "Backends: one nginx worker serving 3 ports. HAProxy: nbthread 2, http-reuse always. nginx: 2 workers, keepalive 128. meshd: round_robin, access log off. Each server in a session (scheduling group) of its own."
-  echo "Medians over rounds. RSS at the end of the run; CPU is the proxy's share of one core (200% = both), and its CPU time (user and system) per request. Steal: the share of the machine's time the VM's host took for others during the run (the highest of the rounds)."
+  echo "Medians over rounds, leaving out any round in which wrk counted errors (the target's cell says how many rounds are left). RSS at the end of the run; CPU is the proxy's share of one core (200% = both), and its CPU time (user and system) per request. Steal: the share of the machine's time the VM's host took for others during the run (the highest of the rounds)."
   echo
   echo "| scenario | target | rps | p50 ms | p99 ms | RSS MiB | CPU % | CPU us/req | steal % |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
   awk -F'\t' '
     function median(arr, n,   i, j, t) { for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (arr[j] < arr[i]) { t = arr[i]; arr[i] = arr[j]; arr[j] = t }; return (n % 2) ? arr[(n + 1) / 2] : (arr[n / 2] + arr[n / 2 + 1]) / 2 }
-    { key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1; n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; cpr[key, n[key]] = $10; if ($11 > stmax[key]) stmax[key] = $11; if (!(key in seen)) { seen[key] = 1; order[++k] = key } }
+    function ratio(a, b) { return (a && b) ? sprintf("%.2f", a / b) : "-" }
+    {
+      key = $2 " conns, " ($3 == "small" ? "128 B" : "64 KiB") SUBSEP $1
+      if (!(key in seen)) { seen[key] = 1; order[++k] = key }
+      tot[key]++; if ($11 > stmax[key]) stmax[key] = $11
+      # wrk counts non-2xx answers and socket errors in its rates and
+      # latencies, and a round it failed has no figures: neither counts.
+      if ($5 == "" || $12 + 0 > 0) next
+      n[key]++; rps[key, n[key]] = $5; p50[key, n[key]] = $6; p99[key, n[key]] = $7; rss[key, n[key]] = $8; cpu[key, n[key]] = $9; cpr[key, n[key]] = $10
+    }
     END {
       for (i = 1; i <= k; i++) {
         key = order[i]; split(key, parts, SUBSEP)
-        m = n[key]
+        m = n[key] + 0; sc[parts[1]] = 1
+        label = parts[2] (m < tot[key] ? sprintf(" (%d of %d rounds without errors)", m, tot[key]) : "")
+        if (m == 0) {
+          printf "| %s | %s | - | - | - | - | - | - | %d |\n", parts[1], label, stmax[key]
+          continue
+        }
         for (j = 1; j <= m; j++) { a[j] = rps[key, j]; b[j] = p50[key, j]; c[j] = p99[key, j]; d[j] = rss[key, j]; e[j] = cpu[key, j]; f[j] = cpr[key, j] }
         R = median(a, m); P5 = median(b, m); P9 = median(c, m); S = median(d, m); C = median(e, m); CR = median(f, m)
         med[parts[1], parts[2], "rps"] = R; med[parts[1], parts[2], "p50"] = P5; med[parts[1], parts[2], "p99"] = P9; med[parts[1], parts[2], "cpr"] = CR
-        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s | %s | %d |\n", parts[1], parts[2], R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C), (parts[2] == "direct" ? "-" : sprintf("%.1f", CR)), stmax[key]
-        sc[parts[1]] = 1
+        printf "| %s | %s | %.0f | %.3f | %.3f | %s | %s | %s | %d |\n", parts[1], label, R, P5, P9, (parts[2] == "direct" ? "-" : sprintf("%.1f", S / 1024)), (parts[2] == "direct" ? "-" : C), (parts[2] == "direct" ? "-" : sprintf("%.1f", CR)), stmax[key]
       }
       print ""
       print "| scenario | meshd/HAProxy rps | meshd/nginx rps | meshd/direct rps | meshd/HAProxy p50 | meshd/HAProxy p99 | meshd/HAProxy CPU per request |"
       print "|---|---:|---:|---:|---:|---:|---:|"
       for (s in sc) {
         mr = med[s, "meshd", "rps"]; hr = med[s, "haproxy", "rps"]; nr = med[s, "nginx", "rps"]; dr = med[s, "direct", "rps"]
-        printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, (hr ? sprintf("%.2f", mr / hr) : "-"), (nr ? sprintf("%.2f", mr / nr) : "-"), (dr ? sprintf("%.2f", mr / dr) : "-"), (med[s, "haproxy", "p50"] ? sprintf("%.2f", med[s, "meshd", "p50"] / med[s, "haproxy", "p50"]) : "-"), (med[s, "haproxy", "p99"] ? sprintf("%.2f", med[s, "meshd", "p99"] / med[s, "haproxy", "p99"]) : "-"), (med[s, "haproxy", "cpr"] ? sprintf("%.2f", med[s, "meshd", "cpr"] / med[s, "haproxy", "cpr"]) : "-")
+        printf "| %s | %s | %s | %s | %s | %s | %s |\n", s, ratio(mr, hr), ratio(mr, nr), ratio(mr, dr), ratio(med[s, "meshd", "p50"], med[s, "haproxy", "p50"]), ratio(med[s, "meshd", "p99"], med[s, "haproxy", "p99"]), ratio(med[s, "meshd", "cpr"], med[s, "haproxy", "cpr"])
       }
     }' "$results"
   # Round by round: meshd against HAProxy in the same round (they ran a few

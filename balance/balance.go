@@ -131,16 +131,20 @@ func (s *Stats) ObserveLatency(d time.Duration, alpha float64) {
 // the number of samples: alpha = 1 - exp(-dt/decay), where dt is the time since
 // the previous sample. The average therefore reflects roughly the last decay
 // of traffic at any request rate, and the first sample after a long silence
-// mostly replaces a stale value. The time of the previous sample only moves
-// forward: a sample at or before it (one taken at the same instant, or one
-// whose caller read the clock earlier and got here later) has no weight,
-// and takes none from the next. decay <= 0 means DefaultDecay. Lock-free.
+// mostly replaces a stale value. A sample at or before the previous one
+// (taken at the same instant, or by a caller that read the clock earlier
+// and got here later) has no weight and leaves the previous time as it
+// is, so that the next sample's weight is not counted twice. One more than
+// decay before it means the wall clock was set back: that time is taken as
+// the previous one from then on (the sample still has no weight), so that
+// the average does not stand still until the clock catches up. decay <= 0
+// means DefaultDecay. Lock-free.
 func (s *Stats) ObserveLatencyAt(d time.Duration, now int64, decay time.Duration) {
 	if decay <= 0 {
 		decay = DefaultDecay
 	}
 	prev := s.obsAt.Load()
-	for now > prev && !s.obsAt.CompareAndSwap(prev, now) {
+	for (now > prev || prev-now > int64(decay)) && !s.obsAt.CompareAndSwap(prev, now) {
 		prev = s.obsAt.Load()
 	}
 	alpha := 1.0

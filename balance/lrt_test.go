@@ -192,6 +192,17 @@ func TestObserveLatencyAt(t *testing.T) {
 	if d, _ := s.Latency(); d > 11*time.Millisecond {
 		t.Errorf("after 10 decays of silence: want about 10ms, have %v", d)
 	}
+	// The wall clock set back an hour: the first sample after it has no
+	// weight, and the ones after count from it, not from an hour ahead.
+	back := now + int64(11*decay) - int64(time.Hour)
+	s.ObserveLatencyAt(time.Second, back, decay)
+	if d, _ := s.Latency(); d > 11*time.Millisecond {
+		t.Errorf("the sample at a clock set back: want no weight, have the average at %v", d)
+	}
+	s.ObserveLatencyAt(time.Second, back+int64(10*decay), decay)
+	if d, _ := s.Latency(); d < 999*time.Millisecond {
+		t.Errorf("10 decays after a clock set back: want about 1s, have %v", d)
+	}
 	if DecayOf(mustPolicy(t, Config{Algorithm: "least_response_time", Decay: 3 * time.Second})) != 3*time.Second {
 		t.Error("DecayOf: want the configured 3s")
 	}

@@ -529,4 +529,15 @@ func TestLoopClock(t *testing.T) {
 	if d := monoAfter(time.Duration(maxTime)); d != maxTime {
 		t.Fatalf("monoAfter past what the clock counts: %d, want maxTime", d)
 	}
+	// A reading as a time.Time is time.Now's clock, behind it by at most
+	// the epoch's slack: so a deadline the goroutine path makes from it
+	// means what the loop's does.
+	for i := 0; i < 1000; i++ {
+		before := time.Now()
+		m := monoTime(monoNow())
+		after := time.Now()
+		if m.Sub(before) < -time.Duration(monoEpochSlack) || after.Sub(m) < 0 {
+			t.Fatalf("monoTime(monoNow()) = %v, read between %v and %v (slack %v)", m, before, after, time.Duration(monoEpochSlack))
+		}
+	}
 }

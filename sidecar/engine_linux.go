@@ -350,13 +350,21 @@ func monoNow() int64 {
 // response-header deadline counts from when the loop dials or writes, not
 // from the turn clock's reading (see turnClock), which the turn's earlier
 // work may have aged. Saturates at maxTime.
-func monoAfter(d time.Duration) int64 {
-	now := monoNow()
-	if d > 0 && now > maxTime-int64(d) {
+func monoAfter(d time.Duration) int64 { return monoAdd(monoNow(), d) }
+
+// monoAdd is m+d on the loops' clock; saturates at maxTime.
+func monoAdd(m int64, d time.Duration) int64 {
+	if d > 0 && m > maxTime-int64(d) {
 		return maxTime
 	}
-	return now + int64(d)
+	return m + int64(d)
 }
+
+// monoTime is m as a time.Time whose monotonic reading is m's: fit for
+// deadlines and spans against time.Now (which use that reading), not for
+// showing (its wall part does not follow steps of the wall clock). It is
+// behind time.Now by at most monoEpochSlack.
+func monoTime(m int64) time.Time { return monoEpoch.Add(time.Duration(m - monoBase)) }
 
 // nanotime is the runtime's monotonic clock, the one time.Time's
 // monotonic readings hold (so that monoNow and mono agree). The runtime
@@ -1770,11 +1778,13 @@ func (l *loop) writeUp(u *upconn) {
 		l.rearm(u.fd, u.gen, u.events())
 	}
 	x.ot.sent = true
-	x.ot.written = l.clk.now()
 	// From here the response header timeout counts: from a fresh reading,
-	// not the turn's, which the turn's work before this may have aged.
+	// not the turn's, which the turn's work before this may have aged. The
+	// goroutine path, if the try is handed over, counts from the same one.
+	sent := monoNow()
+	x.ot.written = monoTime(sent)
 	if ht := x.g.Config().Timeouts.ResponseHeader; ht > 0 {
-		x.handAt = min(x.deadline, monoAfter(ht))
+		x.handAt = min(x.deadline, monoAdd(sent, ht))
 	} else {
 		x.handAt = x.deadline
 	}

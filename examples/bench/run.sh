@@ -313,7 +313,7 @@ report=$work/report.md
       for (i = 1; i <= k; i++) {
         key = order[i]; split(key, parts, SUBSEP)
         m = n[key] + 0; sc[parts[1]] = 1
-        label = parts[2] (m < tot[key] ? sprintf(" (%d of %d rounds without errors)", m, tot[key]) : "")
+        label = parts[2] (m < tot[key] ? sprintf(" (%d of %d rounds counted)", m, tot[key]) : "")
         if (m == 0) {
           printf "| %s | %s | - | - | - | - | - | - | %d |\n", parts[1], label, stmax[key]
           continue

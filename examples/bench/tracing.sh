@@ -53,9 +53,11 @@ export MESHD_CONFIG_all="telemetry: {traces: otlp-grpc, endpoint: 127.0.0.1:1831
 BENCH_MESHD_VARIANTS="off met one all" BENCH_TARGETS="meshd-off meshd-met meshd-one meshd-all" \
   BENCH_SCENARIOS="64:small" BENCH_ROUNDS=$ROUNDS BENCH_DURATION=$DUR BENCH_WARMUP=1 BENCH_ROTATE=1 \
   BENCH_RAW="$work/raw.tsv" BENCH_OUT="$work/run.md" BIN=$BIN examples/bench/run.sh >/dev/null
-# A round without a rate (wrk failed, a meshd died) would be read as 0.
-if bad=$(awk -F'\t' '!($5 > 0) {print $1 " round " $4; exit 1}' "$work/raw.tsv"); then :; else
-  echo "tracing bench: no rate for $bad; nothing written" >&2
+# A round without a rate (wrk failed, a meshd died) would be read as 0,
+# and one in which wrk counted errors (non-2xx answers, socket errors)
+# holds them in its rate and latencies.
+if bad=$(awk -F'\t' '!($5 > 0) || $12 + 0 > 0 {print $1 " round " $4 ($5 > 0 ? ": " $12 " errors" : ": no rate"); exit 1}' "$work/raw.tsv"); then :; else
+  echo "tracing bench: $bad; nothing written" >&2
   exit 1
 fi
 {

@@ -383,25 +383,45 @@ func (g *Guard) report(t transition) {
 // wrapping ErrBreakerOpen and nothing may be sent. With breakers disabled
 // every try is admitted. Admit and done leave the counters of st (InFlight,
 // Requests, Failures, latency) to the forwarder. Safe for concurrent use.
+//
+// Admit allocates its done function; AdmitTo is the same admission into a
+// Ticket the caller keeps, for paths that count their allocations.
 func (g *Guard) Admit(st *balance.Stats) (done func(Outcome), err error) {
+	t := new(Ticket)
+	if err := g.AdmitTo(st, t); err != nil {
+		return nil, err
+	}
+	if t.done == nil {
+		return noop, nil
+	}
+	return t.Finish, nil
+}
+
+// AdmitTo is Admit with the report kept in t: on success t.Finish must be
+// called once with the try's Outcome, on every path, as Admit's done. On
+// error t is left empty (its Finish does nothing) and nothing may be sent.
+// t must not be in use by another try: it is overwritten. Safe for
+// concurrent use with other tickets.
+func (g *Guard) AdmitTo(st *balance.Stats, t *Ticket) error {
+	t.set(nil, nil)
 	var b *breaker
 	if st != nil {
 		b, _ = st.Ext.(*breaker)
 	}
 	if b == nil || b.g != g {
-		return nil, fmt.Errorf("resilience: upstream %q: %w", g.name, ErrNotAttached)
+		return fmt.Errorf("resilience: upstream %q: %w", g.name, ErrNotAttached)
 	}
 	gen := b.cur.Load()
 	if gen == nil {
-		return noop, nil
+		return nil // breakers disabled: t reports nothing
 	}
 	if until := b.openUntil.Load(); until != 0 && time.Now().UnixNano() < until {
-		return nil, b.rejectErr
+		return b.rejectErr
 	}
 	cbDone, err := gen.cb.Allow()
 	g.flush()
 	if err != nil {
-		return nil, b.rejectErr
+		return b.rejectErr
 	}
 	// A caller that read openUntil before a trip and reached gobreaker after
 	// gobreaker's own (shorter) open period may have been admitted as a probe
@@ -409,9 +429,10 @@ func (g *Guard) Admit(st *balance.Stats) (done func(Outcome), err error) {
 	if until := b.openUntil.Load(); until != 0 && time.Now().UnixNano() < until {
 		cbDone(errExcluded)
 		g.flush()
-		return nil, b.rejectErr
+		return b.rejectErr
 	}
-	return (&ticket{g: g, done: cbDone}).finish, nil
+	t.set(g, cbDone)
+	return nil
 }
 
 // noop is the done function of tries the breaker does not see.
@@ -429,15 +450,42 @@ func (g *Guard) AdmitForced(st *balance.Stats) (done func(Outcome)) {
 	return noop
 }
 
-// ticket reports the outcome of one admitted try to the breaker, once.
-type ticket struct {
-	g    *Guard
-	done func(error)
-	used atomic.Bool
+// AdmitForcedTo is AdmitForced with the report kept in t, as AdmitTo: when
+// the breaker would have rejected the try, t is left empty and its Finish
+// does nothing.
+func (g *Guard) AdmitForcedTo(st *balance.Stats, t *Ticket) {
+	if g.AdmitTo(st, t) != nil {
+		t.set(nil, nil)
+	}
 }
 
-func (t *ticket) finish(o Outcome) {
-	if t.used.Swap(true) {
+// Ticket carries one admitted try's outcome to its instance's breaker. It
+// is filled by Guard.AdmitTo or Guard.AdmitForcedTo, and its Finish reports
+// the outcome; the zero Ticket, and one whose try the breaker does not see
+// (breakers disabled, a forced try, a refused admission), reports nothing.
+// Finish is safe for concurrent use, and only its first call after a fill
+// counts. A Ticket lets a caller that serves one try after another keep the
+// report in memory it reuses (Admit allocates it): it may be filled again
+// once its Finish has been called and no one can call it for the old try.
+// It must not be copied while in use.
+type Ticket struct {
+	g     *Guard
+	done  func(error)
+	armed atomic.Bool // a report is due: set by a fill, taken by Finish
+}
+
+// set fills t for a new try (done nil: nothing to report).
+func (t *Ticket) set(g *Guard, done func(error)) {
+	t.g, t.done = g, done
+	t.armed.Store(done != nil)
+}
+
+// Finish reports the try's outcome to the breaker: a failure counts
+// against the instance, a canceled outcome counts as neither success nor
+// failure, anything else as a success. Calls after the first are ignored.
+// A nil *Ticket does nothing.
+func (t *Ticket) Finish(o Outcome) {
+	if t == nil || !t.armed.Swap(false) {
 		return
 	}
 	switch {

@@ -345,6 +345,76 @@ func TestDoneIsIdempotent(t *testing.T) {
 	wantState(t, st, balance.BreakerOpen)
 }
 
+// One Ticket serves try after try, as the event loop keeps it: each fill
+// counts once, a second Finish of the same try is ignored, and a refused
+// admission leaves a ticket whose Finish reports nothing.
+func TestTicketReused(t *testing.T) {
+	g := newTestGuard(t, fastBreaker())
+	st := attach(g, "a")
+	var tk Ticket
+	tk.Finish(failOutcome) // the zero Ticket reports nothing
+	(*Ticket)(nil).Finish(failOutcome)
+	for i := range 2 {
+		if err := g.AdmitTo(st, &tk); err != nil {
+			t.Fatalf("AdmitTo %d: %v", i, err)
+		}
+		tk.Finish(failOutcome)
+		tk.Finish(failOutcome) // ignored: three counted would trip it
+	}
+	wantState(t, st, balance.BreakerClosed)
+	// A success between failures resets the run through the same ticket.
+	if err := g.AdmitTo(st, &tk); err != nil {
+		t.Fatalf("AdmitTo: %v", err)
+	}
+	tk.Finish(okOutcome)
+	for i := range 3 {
+		wantState(t, st, balance.BreakerClosed)
+		if err := g.AdmitTo(st, &tk); err != nil {
+			t.Fatalf("AdmitTo after the success, %d: %v", i, err)
+		}
+		tk.Finish(failOutcome)
+	}
+	wantState(t, st, balance.BreakerOpen)
+
+	// Refused: the ticket is emptied, whatever it held.
+	if err := g.AdmitTo(st, &tk); !errors.Is(err, ErrBreakerOpen) {
+		t.Fatalf("AdmitTo while open: want ErrBreakerOpen, have %v", err)
+	}
+	tk.Finish(okOutcome)
+	// Forced past the open breaker: sent, but the breaker learns nothing.
+	g.AdmitForcedTo(st, &tk)
+	tk.Finish(okOutcome)
+	wantState(t, st, balance.BreakerOpen)
+
+	// The probe, once due, goes through a reused ticket and closes it.
+	waitAvailable(t, st)
+	if err := g.AdmitTo(st, &tk); err != nil {
+		t.Fatalf("AdmitTo for the probe: %v", err)
+	}
+	tk.Finish(okOutcome)
+	wantState(t, st, balance.BreakerClosed)
+}
+
+// With breakers disabled a ticket is always admitted and reports nothing.
+func TestTicketBreakerDisabled(t *testing.T) {
+	cfg := fastBreaker()
+	cfg.Breaker.Disabled = true
+	g := newTestGuard(t, cfg)
+	st := attach(g, "a")
+	var tk Ticket
+	for i := range 10 {
+		if err := g.AdmitTo(st, &tk); err != nil {
+			t.Fatalf("AdmitTo %d: %v", i, err)
+		}
+		tk.Finish(failOutcome)
+	}
+	wantState(t, st, balance.BreakerClosed)
+	if err := g.AdmitTo(&balance.Stats{}, &tk); !errors.Is(err, ErrNotAttached) {
+		t.Fatalf("AdmitTo with stats not attached: want ErrNotAttached, have %v", err)
+	}
+	tk.Finish(failOutcome)
+}
+
 func TestFailOpenAndDetach(t *testing.T) {
 	cfg := fastBreaker()
 	cfg.Breaker.OpenFor = time.Minute

@@ -460,6 +460,9 @@ type etry struct {
 	// no heap objects of their own. Reused with the try, so nothing may
 	// hold them past endRequest; a try handed over never comes back.
 	lean telemetry.LeanRoom
+	// ticket is the try's report to its instance's breaker (ot.tk points
+	// here): filled by admission, cleared with x, and handed over with ot.
+	ticket resilience.Ticket
 }
 
 // spinPolls is how many times in a row a busy loop looks again, giving
@@ -1379,10 +1382,9 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	if err != nil {
 		return nil, begun()
 	}
-	var done func(resilience.Outcome)
 	if preq.IgnoreHealth {
-		done = g.AdmitForced(ep.Stats)
-	} else if done, err = g.Admit(ep.Stats); err != nil {
+		g.AdmitForcedTo(ep.Stats, &x.ticket)
+	} else if err = g.AdmitTo(ep.Stats, &x.ticket); err != nil {
 		return nil, begun()
 	}
 	g.RequestStarted()
@@ -1415,7 +1417,7 @@ func (l *loop) begin(c *econn, req *http.Request, cfg *config.Config) (*etry, *s
 	})
 	ep.InFlight.Add(1)
 	metricsOf(s.tel).InFlight(u.name, 1)
-	x.ot = openTry{ep: ep, h1: set.transport.fast, done: done, aspan: aspan, t0: start, deadline: td, out: out}
+	x.ot = openTry{ep: ep, h1: set.transport.fast, tk: &x.ticket, aspan: aspan, t0: start, deadline: td, out: out}
 	// The try's deadline is forward's to enforce once handed over; the
 	// request's own (bd) is forward's already, from start.
 	return x, nil
@@ -2062,7 +2064,7 @@ func (l *loop) reenable(u *upconn) bool {
 // finishTry settles the try as forward's endTry does.
 func (l *loop) finishTry(x *etry, o resilience.Outcome) {
 	l.untrack(x)
-	x.ex.endTry(x.ot.ep, x.ot.done, o, x.ot.aspan, x.status, x.ot.t0, nil)
+	x.ex.endTry(x.ot.ep, x.ot.tk, o, x.ot.aspan, x.status, x.ot.t0, nil)
 }
 
 // endRequest records the request and frees its client for the next. x

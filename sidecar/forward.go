@@ -191,7 +191,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		}
 		var (
 			ep        *balance.Endpoint
-			done      func(resilience.Outcome)
+			tk        *resilience.Ticket
 			tryCtx    context.Context
 			cancelTry context.CancelFunc
 			aspan     trace.Span
@@ -201,7 +201,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		)
 		if first != nil {
 			// The event loop's try, taken over where it stands.
-			ep, done, aspan, t0 = first.ep, first.done, first.aspan, first.t0
+			ep, tk, aspan, t0 = first.ep, first.tk, first.aspan, first.t0
 			preq.Exclude(ep)
 			ex.tries++
 			ex.instance = ep.ID
@@ -236,9 +236,10 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 				return
 			}
 			preq.Exclude(ep)
+			tk = new(resilience.Ticket)
 			if preq.IgnoreHealth {
-				done = g.AdmitForced(ep.Stats)
-			} else if done, err = g.Admit(ep.Stats); err != nil {
+				g.AdmitForcedTo(ep.Stats, tk)
+			} else if err = g.AdmitTo(ep.Stats, tk); err != nil {
 				telemetry.BreakerRejected(span, ep.ID, ep.Breaker().String())
 				if rejected++; rejected > len(snap.Endpoints) {
 					if ex.held != nil {
@@ -293,13 +294,13 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		case ex.ab != nil && ex.ab.wasAborted():
 			// The budget ended while meshd waited on the caller's body: a
 			// timeout, but the caller's, not the instance's.
-			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
+			ex.endTry(ep, tk, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
 			ex.fail(http.StatusGatewayTimeout, telemetry.ErrTypeTimeout, "upstream "+quote(u.name)+": request timed out while the caller's body stalled")
 			return
 		case cbe != nil:
 			// The caller's body broke off or was malformed: not the
 			// instance's fault either.
-			ex.endTry(ep, done, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
+			ex.endTry(ep, tk, g.Classify(canceledCtx, err, 0), aspan, 0, t0, cancelTry)
 			if cbe.callerGone() || ex.callerCtx().Err() != nil {
 				ex.callerLeftMidBody()
 				return
@@ -310,7 +311,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		}
 		if err != nil {
 			o := g.Classify(ex.callerCtx(), err, 0)
-			ex.endTry(ep, done, o, aspan, 0, t0, cancelTry)
+			ex.endTry(ep, tk, o, aspan, 0, t0, cancelTry)
 			if o.Canceled() {
 				ex.callerWentAway()
 				return
@@ -341,7 +342,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 				// Kept, not thrown away: if the retry finds nowhere to
 				// go, this real answer beats one of meshd's making.
 				ex.hold(resp)
-				ex.endTry(ep, done, o, aspan, resp.StatusCode, t0, cancelTry)
+				ex.endTry(ep, tk, o, aspan, resp.StatusCode, t0, cancelTry)
 				lastErr = fmt.Errorf("%s: answered %d", ep.Address, resp.StatusCode)
 				if ex.retryDecided(span, g, cause, wait) {
 					continue
@@ -374,7 +375,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 		} else if status >= 500 {
 			ex.errType = strconv.Itoa(status)
 		}
-		ex.endTry(ep, done, o, aspan, status, t0, cancelTry)
+		ex.endTry(ep, tk, o, aspan, status, t0, cancelTry)
 		if rerr != nil && (!o.Canceled() || bodyBroke) {
 			// The status line is gone; abort so the client sees a broken
 			// response rather than a short one.
@@ -489,7 +490,7 @@ func (c *interimCtx) Interim(code int, h http.Header) error {
 // ended without finishing (meshd's own answer went out first): as one
 // whose caller went away, which is not the instance's doing.
 func (ex *exchange) settleOpen(t *openTry) {
-	ex.endTry(t.ep, t.done, ex.u.guard.Classify(canceledCtx, context.Canceled, 0), t.aspan, 0, t.t0, nil)
+	ex.endTry(t.ep, t.tk, ex.u.guard.Classify(canceledCtx, context.Canceled, 0), t.aspan, 0, t.t0, nil)
 	if t.nc != nil {
 		t.nc.Close()
 	}
@@ -552,8 +553,8 @@ func (ex *exchange) callerCtx() context.Context {
 }
 
 // endTry settles one try: breaker outcome, counters, span and metrics.
-func (ex *exchange) endTry(ep *balance.Endpoint, done func(resilience.Outcome), o resilience.Outcome, aspan trace.Span, status int, t0 time.Time, cancel context.CancelFunc) {
-	done(o)
+func (ex *exchange) endTry(ep *balance.Endpoint, tk *resilience.Ticket, o resilience.Outcome, aspan trace.Span, status int, t0 time.Time, cancel context.CancelFunc) {
+	tk.Finish(o)
 	if cancel != nil {
 		cancel()
 	}

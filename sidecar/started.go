@@ -49,8 +49,8 @@ func (c valuesFrom) Value(key any) any {
 // by its breaker and counted in flight, and the attempt's span is started.
 type openTry struct {
 	ep       *balance.Endpoint
-	h1       *h1.Transport // the client the loop began with, for Resume
-	done     func(resilience.Outcome)
+	h1       *h1.Transport      // the client the loop began with, for Resume
+	tk       *resilience.Ticket // the breaker's report: the loop's etry.ticket
 	aspan    trace.Span
 	t0       time.Time
 	deadline time.Time     // the try's own deadline; zero for none

@@ -240,7 +240,7 @@ type loop struct {
 
 	// The rest belongs to the loop's goroutine.
 	gen      uint32
-	fds      map[int32]any // *econn or *upconn
+	fds      []any // by descriptor: *econn or *upconn, nil when not the loop's
 	clients  map[*econn]struct{}
 	idle     map[string][]*upconn
 	addrs    map[string]*unix.SockaddrInet4
@@ -286,7 +286,6 @@ func newLoop(e *engine) (*loop, error) {
 	}
 	l := &loop{
 		e: e, ep: ep, wake: wake,
-		fds:     map[int32]any{},
 		clients: map[*econn]struct{}{},
 		idle:    map[string][]*upconn{},
 		addrs:   map[string]*unix.SockaddrInet4{},
@@ -692,7 +691,7 @@ func (l *loop) run() {
 				}
 				continue
 			}
-			switch o := l.fds[ev.Fd].(type) {
+			switch o := l.fdObj(ev.Fd).(type) {
 			case *econn:
 				if o.gen == uint32(ev.Pad) {
 					l.clientEvent(o, ev.Events)
@@ -839,8 +838,28 @@ func (l *loop) shutdown() {
 	l.mu.Unlock()
 }
 
+// fdObj returns what the loop registered under fd, or nil. A slice, not
+// a map: it is looked up for every event, and descriptors are small
+// numbers the kernel hands out lowest first.
+func (l *loop) fdObj(fd int32) any {
+	if uint(fd) < uint(len(l.fds)) {
+		return l.fds[fd]
+	}
+	return nil
+}
+
+// dropFD forgets what the loop registered under fd.
+func (l *loop) dropFD(fd int) {
+	if uint(fd) < uint(len(l.fds)) {
+		l.fds[fd] = nil
+	}
+}
+
 func (l *loop) register(fd int, gen uint32, o any, events uint32) error {
-	l.fds[int32(fd)] = o
+	if fd >= len(l.fds) {
+		l.fds = append(l.fds, make([]any, fd+1-len(l.fds)+len(l.fds)/2)...)
+	}
+	l.fds[fd] = o
 	return unix.EpollCtl(l.ep, unix.EPOLL_CTL_ADD, fd, &unix.EpollEvent{Events: events, Fd: int32(fd), Pad: int32(gen)})
 }
 
@@ -911,7 +930,7 @@ func (l *loop) waitRaw(msec int) (int, error) {
 }
 
 func (l *loop) unregister(fd int) {
-	delete(l.fds, int32(fd))
+	l.dropFD(fd)
 	unix.EpollCtl(l.ep, unix.EPOLL_CTL_DEL, fd, nil)
 }
 
@@ -927,7 +946,7 @@ func (l *loop) addClient(a adoptee) {
 	c := &econn{l: l, f: a.f, fd: a.fd, gen: l.gen, remote: a.remote, streak: a.streak, lastUsed: monoNow()}
 	c.w.closing = &a.f.closing
 	if err := l.register(a.fd, c.gen, c, unix.EPOLLIN); err != nil {
-		delete(l.fds, int32(a.fd))
+		l.dropFD(a.fd)
 		unix.Close(a.fd)
 		a.f.wg.Done()
 		return
@@ -1707,7 +1726,7 @@ func (l *loop) dial(addr string) (*upconn, error) {
 		u.outOn = true
 	}
 	if err := l.register(fd, u.gen, u, ev); err != nil {
-		delete(l.fds, int32(fd))
+		l.dropFD(fd)
 		unix.Close(fd)
 		return nil, err
 	}

@@ -541,3 +541,59 @@ func TestLoopClock(t *testing.T) {
 		}
 	}
 }
+
+// A connection to an instance that was busy when the loop dropped its
+// idle connections (as a reload does) is pooled again where the loop
+// looks, not in the pool it was taken from: the next request reuses it.
+func TestEventLoopPoolsAgainAfterADrop(t *testing.T) {
+	release := make(chan struct{})
+	arrived := make(chan string, 4)
+	b := newBackend(t, "b", func(w http.ResponseWriter, r *http.Request) {
+		arrived <- r.RemoteAddr
+		if r.URL.Path == "/slow" {
+			<-release
+		}
+		io.WriteString(w, r.URL.Path)
+	})
+	s := start(t, fmt.Sprintf("discovery: {static: {svc: [%s]}}\nupstreams: {svc: {}}\n", b.addr()))
+	e := engineOf(t, s)
+	c := dialRaw(t, s)
+	c.send("GET /first HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "/first" {
+		t.Fatalf("first answer: %d %q", resp.StatusCode, body)
+	}
+	first := <-arrived
+	c.send("GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if slow := <-arrived; slow != first {
+		t.Fatalf("the second request came from %s, not from the pooled %s", slow, first)
+	}
+	// The connection is busy with /slow: the drop empties the pools
+	// around it.
+	e.dropIdle()
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		pending := false
+		onLoops(t, e, func(l *loop) { pending = pending || l.cmdPool.Load() })
+		if !pending {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the loops did not drop their idle connections within 10 s")
+		}
+	}
+	onLoops(t, e, func(l *loop) {
+		if len(l.idle) != 0 {
+			t.Errorf("a loop kept %d idle pools after the drop", len(l.idle))
+		}
+	})
+	close(release)
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "/slow" {
+		t.Fatalf("slow answer: %d %q", resp.StatusCode, body)
+	}
+	c.send("GET /third HTTP/1.1\r\nHost: svc\r\n\r\n")
+	if resp, body := c.answer("GET"); resp.StatusCode != 200 || body != "/third" {
+		t.Fatalf("third answer: %d %q", resp.StatusCode, body)
+	}
+	if third := <-arrived; third != first {
+		t.Errorf("the third request came from %s: the connection of the first two (%s) was not pooled again", third, first)
+	}
+}

@@ -387,23 +387,30 @@ func (g *Guard) report(t transition) {
 // Admit allocates its done function; AdmitTo is the same admission into a
 // Ticket the caller keeps, for paths that count their allocations.
 func (g *Guard) Admit(st *balance.Stats) (done func(Outcome), err error) {
-	t := new(Ticket)
-	if err := g.AdmitTo(st, t); err != nil {
+	var adm Ticket // on the stack: a refusal allocates nothing
+	if err := g.AdmitTo(st, &adm); err != nil {
 		return nil, err
 	}
-	if t.done == nil {
+	if adm.done == nil {
 		return noop, nil
 	}
+	t := &Ticket{g: adm.g, done: adm.done}
+	t.armed.Store(true)
 	return t.Finish, nil
 }
 
 // AdmitTo is Admit with the report kept in t: on success t.Finish must be
 // called once with the try's Outcome, on every path, as Admit's done. On
 // error t is left empty (its Finish does nothing) and nothing may be sent.
-// t must not be in use by another try: it is overwritten. Safe for
-// concurrent use with other tickets.
+// t must not be in use by another try. If it still holds an unreported
+// one, that try is reported first as canceled (neither success nor
+// failure), so that a half-open breaker does not wait on it for ever.
+// Safe for concurrent use with other tickets.
 func (g *Guard) AdmitTo(st *balance.Stats, t *Ticket) error {
-	t.set(nil, nil)
+	if t.armed.Load() {
+		t.Finish(unreported)
+	}
+	t.g, t.done = nil, nil // not armed: Finish reports nothing
 	var b *breaker
 	if st != nil {
 		b, _ = st.Ext.(*breaker)
@@ -437,6 +444,10 @@ func (g *Guard) AdmitTo(st *balance.Stats, t *Ticket) error {
 
 // noop is the done function of tries the breaker does not see.
 func noop(Outcome) {}
+
+// unreported is the outcome of a try left unreported in a ticket filled
+// again: canceled, neither success nor failure.
+var unreported = Outcome{kind: KindCanceled}
 
 // AdmitForced is Admit for an upstream that fails open (see FailOpen): it
 // never rejects. When the breaker admits the try (closed, or a probe is due)

@@ -386,11 +386,17 @@ func TestTicketReused(t *testing.T) {
 	tk.Finish(okOutcome)
 	wantState(t, st, balance.BreakerOpen)
 
-	// The probe, once due, goes through a reused ticket and closes it.
+	// The probe, once due, goes through a reused ticket. Filled again
+	// before it was reported, the ticket reports it as canceled first,
+	// which frees the half-open breaker's one probe slot for the next.
 	waitAvailable(t, st)
 	if err := g.AdmitTo(st, &tk); err != nil {
 		t.Fatalf("AdmitTo for the probe: %v", err)
 	}
+	if err := g.AdmitTo(st, &tk); err != nil {
+		t.Fatalf("AdmitTo over an unreported probe: want it admitted (the old probe given back), have %v", err)
+	}
+	wantState(t, st, balance.BreakerHalfOpen)
 	tk.Finish(okOutcome)
 	wantState(t, st, balance.BreakerClosed)
 }
@@ -406,9 +412,11 @@ func TestTicketBreakerDisabled(t *testing.T) {
 		if err := g.AdmitTo(st, &tk); err != nil {
 			t.Fatalf("AdmitTo %d: %v", i, err)
 		}
+		if tk.armed.Load() {
+			t.Fatalf("AdmitTo %d: the ticket holds a report with breakers disabled", i)
+		}
 		tk.Finish(failOutcome)
 	}
-	wantState(t, st, balance.BreakerClosed)
 	if err := g.AdmitTo(&balance.Stats{}, &tk); !errors.Is(err, ErrNotAttached) {
 		t.Fatalf("AdmitTo with stats not attached: want ErrNotAttached, have %v", err)
 	}

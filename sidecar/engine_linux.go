@@ -840,7 +840,10 @@ func (l *loop) shutdown() {
 
 // fdObj returns what the loop registered under fd, or nil. A slice, not
 // a map: it is looked up for every event, and descriptors are small
-// numbers the kernel hands out lowest first.
+// numbers the kernel hands out lowest first. Descriptors are the
+// process's, so each loop's slice grows to half again the highest number
+// it has registered, and does not shrink: 16 bytes a descriptor a loop
+// (2.4 MB a loop at 100,000 open connections, small beside their buffers).
 func (l *loop) fdObj(fd int32) any {
 	if uint(fd) < uint(len(l.fds)) {
 		return l.fds[fd]

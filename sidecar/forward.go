@@ -182,6 +182,7 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 	preq := balance.Request{HTTP: r, ClientIP: clientIP}
 	rejected := 0
 	var lastErr error
+	var own resilience.Ticket // the breaker's report of this path's tries
 	for {
 		if ctx.Err() != nil && first == nil {
 			// (An open try ending with the budget is settled as its
@@ -236,7 +237,9 @@ func (s *Sidecar) forward(w http.ResponseWriter, r *http.Request, u *upstream, s
 				return
 			}
 			preq.Exclude(ep)
-			tk = new(resilience.Ticket)
+			// The request's tries run one after another, each reported
+			// before the next is admitted: they share one ticket.
+			tk = &own
 			if preq.IgnoreHealth {
 				g.AdmitForcedTo(ep.Stats, tk)
 			} else if err = g.AdmitTo(ep.Stats, tk); err != nil {
